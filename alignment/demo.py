@@ -1,0 +1,145 @@
+"""The demo: the whole job on the embedded default cohort, end to end.
+
+synth the default cohort -> ingest -> train single mode on the strongest causal gene (by the truth)
+-> train sequence mode with a CPU-sized transformer -> evaluate both against PCA+CCA, PCA+PLS, the
+oracle and chance -> one comparison table and `report.md`. Every step writes its outputs atomically
+and a finished step is reused when the demo is run again with the same settings.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from alignment.evaluate import EvalConfig, evaluate
+from alignment.model import ModelConfig
+from alignment.train import TrainConfig, train
+from pipeline.atomic import atomic_write_json, atomic_write_text
+from pipeline.ingest import IngestConfig, ingest
+from pipeline.synth import SynthConfig, load_truth, strongest_gene, synthesize
+
+DONE = ".done.json"
+
+
+@dataclass
+class DemoConfig:
+    """The demo's cohort, models and evaluation. Defaults: the embedded default cohort, CPU-sized models."""
+
+    output_dir: Path = Path("data/demo")
+    subjects: int = 8000
+    seed: int = 0
+    null: bool = False
+    # Test split >= 1,000 subjects so "top-1 out of 1,000" is measured on held-out subjects.
+    split_fractions: tuple = (0.7, 0.1, 0.2)
+    single_model: ModelConfig = field(
+        default_factory=lambda: ModelConfig(mode="single", projection_dim=128, neuro_pca_dim=128, gene_pca_dim=32, dropout=0.1)
+    )
+    sequence_model: ModelConfig = field(
+        default_factory=lambda: ModelConfig(
+            mode="sequence", projection_dim=128, transformer_hidden_dim=64, transformer_num_layers=2,
+            transformer_num_heads=4, transformer_pooling="mean", neuro_pca_dim=128, gene_pca_dim=16, dropout=0.1,
+        )
+    )
+    single_train: dict = field(default_factory=lambda: dict(batch_size=256, num_epochs=30, learning_rate=1e-3, weight_decay=0.05, patience=8))
+    sequence_train: dict = field(default_factory=lambda: dict(batch_size=256, num_epochs=30, learning_rate=1e-3, weight_decay=0.05, patience=8))
+    pool_sizes: tuple = ("300", "1000", "all")
+    draws: int = 30
+    bootstrap: int = 1000
+    permutations: int = 1000
+    device: str = "auto"
+
+
+@dataclass
+class DemoResult:
+    output_dir: Path
+    store: Path
+    report: Path
+    rows: list  # one dict per method: name, top-1 both directions at the headline pool, p-value
+    pool_size: int
+    n_test: int
+
+
+def _done(path: Path, settings: dict) -> bool:
+    marker = path / DONE
+    return marker.exists() and json.loads(marker.read_text()) == json.loads(json.dumps(settings, default=str))
+
+
+def _mark(path: Path, settings: dict) -> None:
+    atomic_write_json(path / DONE, json.loads(json.dumps(settings, default=str)))
+
+
+def run_demo(config: DemoConfig, log: Callable[[str], None] = print, progress=None) -> DemoResult:
+    out = Path(config.output_dir)
+    cohort = out / ("cohort_null" if config.null else "cohort")
+    store = out / ("cohort_null.zarr" if config.null else "cohort.zarr")
+
+    synth_settings = {"subjects": config.subjects, "seed": config.seed, "null": config.null}
+    if _done(cohort, synth_settings):
+        log(f"[1/5] cohort {cohort} already generated; reusing it")
+    else:
+        log(f"[1/5] generating {config.subjects:,} subjects x 111 genes into {cohort}")
+        res = synthesize(SynthConfig(out_dir=cohort, subjects=config.subjects, seed=config.seed, null=config.null))
+        log(f"      {res.n_subjects:,} subjects in {res.seconds:.1f}s")
+        _mark(cohort, synth_settings)
+
+    log(f"[2/5] ingesting into {store}")
+    ing = ingest(
+        IngestConfig(
+            gene_embedding_dir=cohort / "gene_embeddings", brain_latent_dir=cohort / "brain_latent", store=store,
+            workers=2, split_fractions=tuple(config.split_fractions),
+        )
+    )
+    log(f"      {ing.n_kept:,} subjects kept, dropped: {dict(ing.dropped_by_reason) or 'none'}"
+        + (" (reused)" if ing.reused else f" ({ing.seconds:.1f}s)"))
+
+    truth = load_truth(cohort / "truth.json")
+    gene = strongest_gene(truth)
+    runs = [
+        ("single", f"single-gene ({gene})", out / f"single_{gene}", config.single_model, config.single_train, gene),
+        ("sequence", "sequence (transformer)", out / "sequence", config.sequence_model, config.sequence_train, None),
+    ]
+    evaluations = []
+    for i, (mode, label, run_dir, model_cfg, train_kw, single_gene) in enumerate(runs):
+        settings = {"model": model_cfg.to_dict(), "train": train_kw, "store": str(store), "ingest_reused": None}
+        settings.pop("ingest_reused")
+        if _done(run_dir, settings):
+            log(f"[{3 + i}/5] {label}: {run_dir}/best_model.pt already trained; reusing it")
+        else:
+            log(f"[{3 + i}/5] training {label} -> {run_dir}")
+            tcfg = TrainConfig(store=str(store), output_dir=str(run_dir), mode=mode, single_gene_name=single_gene,
+                               device=config.device, save_every=0, **train_kw)
+            result = train(tcfg, replace(model_cfg, mode=mode), progress=progress)
+            log(f"      best epoch {result.best_epoch}: val top-1 {result.best_val.get('val_top1_mean', float('nan')):.3f} "
+                f"(pool {result.best_val.get('val_pool_size')})")
+            _mark(run_dir, settings)
+        eval_dir = out / f"eval_{run_dir.name}"
+        eval_settings = {"checkpoint_settings": settings, "pools": list(config.pool_sizes), "draws": config.draws,
+                         "bootstrap": config.bootstrap, "permutations": config.permutations}
+        if not _done(eval_dir, eval_settings):
+            log(f"      evaluating {label} on the test split -> {eval_dir}")
+            evaluate(EvalConfig(checkpoint=run_dir / "best_model.pt", store=store, split="test",
+                                pool_sizes=tuple(config.pool_sizes), draws=config.draws, bootstrap=config.bootstrap,
+                                permutations=config.permutations, output_dir=eval_dir, seed=config.seed,
+                                device=config.device))
+            _mark(eval_dir, eval_settings)
+        evaluations.append((label, eval_dir))
+
+    log("[5/5] comparison")
+    return _summarise(out, store, evaluations)
+
+
+def _summarise(out: Path, store: Path, evaluations) -> DemoResult:
+    """One table across both evaluations: each model, its baselines, the oracle and chance."""
+    from alignment.report import comparison_rows, comparison_markdown
+
+    metrics = [(label, json.loads((d / "metrics.json").read_text())) for label, d in evaluations]
+    rows, pool, n_test = comparison_rows(metrics)
+    text = comparison_markdown(rows, pool, n_test, [(label, d / "report.md") for label, d in evaluations])
+    report = atomic_write_text(out / "report.md", text)
+    return DemoResult(output_dir=out, store=store, report=report, rows=rows, pool_size=pool, n_test=n_test)
+
+
+def demo_settings(config: DemoConfig) -> dict:
+    return asdict(config)

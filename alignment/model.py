@@ -1,0 +1,715 @@
+"""The alignment model: a front-end fitted on the train split, two encoders, a learnable temperature.
+
+Owns `ModelConfig` (everything needed to rebuild the model from a checkpoint alone) and
+`MultiGeneAlignmentModel`, the seed's model with the seed's constructor and defaults:
+
+    single mode     neuro (B, V)    -> front-end -> bias-free Linear (or Linear-LN-GELU-Dropout-Linear) -> L2
+                    gene  (B, D)    -> front-end -> bias-free Linear -> L2
+    sequence mode   gene  (B, G, D) -> front-end -> Linear -> + sinusoidal position -> post-norm
+                    TransformerEncoder (GELU, ff 4x) -> mean | max | cls pooling -> LayerNorm
+                    -> bias-free Linear -> L2                     (neuro side as in single mode)
+
+Front-end. With thousands of subjects and 12,150 + 111 x 256 input dimensions a linear encoder on raw
+inputs memorises the train split, so every input is first z-scored with train-split statistics and,
+optionally, PCA-whitened (`neuro_pca_dim`, per-gene `gene_pca_dim`): the encoders then see a few
+hundred well-conditioned dimensions. The statistics and projections are buffers (part of the
+state_dict) sized at construction, filled by `fit_frontend(neuro, genes)`. `encode_neuro` and
+`encode_gene` take rows exactly as the store holds them; normalisation happens inside, in float32
+even under autocast (whitening amplifies small-variance directions, so bf16 inputs would be noisy).
+
+Checkpoints. `from_checkpoint(path)` rebuilds the model from ckpt["config"]["model"] and loads
+ckpt["model_state_dict"]. The seed's inference example (construct with the seed's arguments, then
+`load_state_dict`) also works on a checkpoint trained with PCA: loading a state_dict adopts its
+front-end (the PCA dims are read off the `neuro_pca` / `gene_pca` shapes and the encoders' input
+layers are resized before the tensors are copied), so the architecture arguments must match but the
+front-end arguments need not.
+
+Temperature. `logit_scale` is the log inverse temperature; the multiplier exp(logit_scale) is clamped
+at 100 inside `alignment.loss` (see there). With loss='siglip' a learnable `logit_bias` (init -10) is
+added, and logit_scale starts at ln 10 as in the SigLIP paper when `logit_scale_init` is left at the
+CLIP default 2.6592 (any other value is used as given).
+
+Attention. PyTorch's encoder layer calls attention with need_weights=False, so the seed's forward
+hook received None. `gene_attention(genes)` runs the same layers step by step with need_weights=True
+and returns the real weights, (B, layers, heads, S, S) with S = G (G + 1 with cls pooling, the CLS
+token at index 0).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from alignment.loss import (
+    SIGLIP_LOGIT_BIAS_INIT,
+    SIGLIP_LOGIT_SCALE_INIT,
+    clip_loss,
+    exp_logit_scale,
+    siglip_loss,
+)
+from pipeline.errors import GenealignError
+
+CLIP_LOGIT_SCALE_INIT = 2.6592  # ln(1 / 0.07), the seed's and CLIP's default
+POOLINGS = ("mean", "max", "cls")
+LOSSES = ("clip", "siglip")
+MODES = ("single", "sequence")
+# Above this many input dimensions the front-end PCA uses a randomized range finder instead of an
+# exact eigendecomposition of the (d, d) covariance.
+EXACT_PCA_MAX_DIM = 2048
+FRONTEND_SEED = 0  # fixed: the same train rows always give the same front-end
+
+
+@dataclass
+class ModelConfig:
+    """The model's shape. `mode` and `use_transformer` both exist for the seed's sake: either
+    mode='sequence' or use_transformer=True selects the transformer (sequence) model."""
+
+    mode: str = "single"  # 'single' | 'sequence'
+    neuro_input_dim: int = 12150
+    gene_input_dim: int = 256
+    num_genes: int = 111
+    projection_dim: int = 512
+    use_transformer: bool = False
+    transformer_hidden_dim: int = 512
+    transformer_num_layers: int = 4
+    transformer_num_heads: int = 8
+    transformer_pooling: str = "mean"
+    neuro_hidden_dim: int | None = None
+    dropout: float = 0.1
+    logit_scale_init: float = CLIP_LOGIT_SCALE_INIT
+    loss: str = "clip"  # 'clip' | 'siglip'
+    neuro_pca_dim: int = 0  # 0 = z-scoring only
+    gene_pca_dim: int = 0  # per gene; 0 = z-scoring only
+    gene_names: tuple[str, ...] | None = None
+    latent_shape: tuple[int, ...] | None = None
+
+    def to_dict(self) -> dict:
+        """Plain JSON / torch.load(weights_only=True)-safe dict (tuples become lists)."""
+        out = asdict(self)
+        for key in ("gene_names", "latent_shape"):
+            if out[key] is not None:
+                out[key] = list(out[key])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise GenealignError(
+                f"Model config has unknown keys {unknown} (known: {sorted(known)}); the checkpoint was "
+                "written by another genealign version: retrain or load it with that version."
+            )
+        values = dict(data)
+        if values.get("gene_names") is not None:
+            values["gene_names"] = tuple(str(g) for g in values["gene_names"])
+        if values.get("latent_shape") is not None:
+            values["latent_shape"] = tuple(int(s) for s in values["latent_shape"])
+        return cls(**values)
+
+
+def _xavier_init(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def _projection_head(in_dim: int, out_dim: int, hidden_dim: int | None, dropout: float) -> nn.Module:
+    """Bias-free Linear, or the seed's optional hidden layer: Linear, LayerNorm, GELU, Dropout, Linear.
+    (The first Linear has no bias either: the LayerNorm right after it would cancel it.)"""
+    if not hidden_dim:
+        return nn.Linear(in_dim, out_dim, bias=False)
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim, bias=False),
+        nn.LayerNorm(hidden_dim),
+        nn.GELU(),
+        nn.Dropout(dropout),
+        nn.Linear(hidden_dim, out_dim, bias=False),
+    )
+
+
+class SinusoidalPositionalEncoding(nn.Module):
+    """x + PE[:S], PE[pos, 2i] = sin(pos / 10000^(2i/H)), PE[pos, 2i+1] = cos(...), then dropout.
+    Sized for exactly the sequence the model sees (G genes, +1 with a CLS token); not in state_dict."""
+
+    def __init__(self, hidden_dim: int, length: int, dropout: float):
+        super().__init__()
+        position = torch.arange(length, dtype=torch.float64)[:, None]  # (S, 1)
+        div = torch.exp(torch.arange(0, hidden_dim, 2, dtype=torch.float64) * (-math.log(10000.0) / hidden_dim))
+        pe = torch.zeros(length, hidden_dim, dtype=torch.float64)  # (S, H)
+        pe[:, 0::2] = torch.sin(position * div)
+        pe[:, 1::2] = torch.cos(position * div[: hidden_dim // 2])
+        self.register_buffer("pe", pe.float(), persistent=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, S, H)
+        return self.dropout(x + self.pe[: x.shape[1]].to(x.dtype))
+
+
+class GeneSequenceEncoder(nn.Module):
+    """(B, G, d_in) -> (B, P), unnormalised: input projection, position, transformer, pooling, LN, head."""
+
+    def __init__(
+        self,
+        input_dim: int,
+        num_genes: int,
+        hidden_dim: int,
+        num_layers: int,
+        num_heads: int,
+        pooling: str,
+        projection_dim: int,
+        dropout: float,
+    ):
+        super().__init__()
+        self.pooling = pooling
+        self.input_projection = nn.Linear(input_dim, hidden_dim)
+        if pooling == "cls":
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_dim))
+        self.positional_encoding = SinusoidalPositionalEncoding(
+            hidden_dim, num_genes + (1 if pooling == "cls" else 0), dropout
+        )
+        layer = nn.TransformerEncoderLayer(
+            d_model=hidden_dim,
+            nhead=num_heads,
+            dim_feedforward=4 * hidden_dim,
+            dropout=dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=False,  # post-norm, as the seed
+        )
+        self.transformer = nn.TransformerEncoder(layer, num_layers=num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(hidden_dim)
+        self.projection = nn.Linear(hidden_dim, projection_dim, bias=False)
+
+    def _embed(self, genes: torch.Tensor) -> torch.Tensor:
+        x = self.input_projection(genes)  # (B, G, H)
+        if self.pooling == "cls":
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, G+1, H)
+        return self.positional_encoding(x)
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:  # (B, S, H) -> (B, P)
+        if self.pooling == "mean":
+            pooled = x.mean(dim=1)
+        elif self.pooling == "max":
+            pooled = x.max(dim=1).values
+        else:
+            pooled = x[:, 0]
+        return self.projection(self.norm(pooled))
+
+    def forward(self, genes: torch.Tensor) -> torch.Tensor:  # (B, G, d_in)
+        return self._pool(self.transformer(self._embed(genes)))
+
+    def forward_with_attention(self, genes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same output as forward, computed layer by layer with the attention weights kept:
+        ((B, P), (B, L, heads, S, S)). Mirrors nn.TransformerEncoderLayer's post-norm path."""
+        x = self._embed(genes)  # (B, S, H)
+        weights = []
+        for layer in self.transformer.layers:
+            attended, w = layer.self_attn(x, x, x, need_weights=True, average_attn_weights=False)  # w (B, h, S, S)
+            x = layer.norm1(x + layer.dropout1(attended))
+            ff = layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))
+            x = layer.norm2(x + layer.dropout2(ff))
+            weights.append(w)
+        return self._pool(x), torch.stack(weights, dim=1)
+
+
+def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column mean and std (ddof 0) of x (n, d), two passes in float64 over row chunks. A std
+    below 1e-6 x the mean std (a constant column) is floored there, as pipeline.loader does."""
+    n, d = x.shape
+    step = max(1, (1 << 24) // max(d, 1))
+    total = torch.zeros(d, dtype=torch.float64, device=x.device)
+    for start in range(0, n, step):
+        total += x[start : start + step].double().sum(0)
+    mean = total / n
+    sq = torch.zeros(d, dtype=torch.float64, device=x.device)
+    for start in range(0, n, step):
+        sq += (x[start : start + step].double() - mean).square().sum(0)
+    std = (sq / n).sqrt()
+    scale = float(std.mean())
+    return mean, std.clamp(min=1e-6 * scale if scale > 0 else 1.0)
+
+
+def _fix_signs(components: torch.Tensor) -> torch.Tensor:
+    """Make the largest-magnitude entry of each column (..., d, k) positive (eigenvector signs are
+    arbitrary; this makes the fitted front-end reproducible across runs and platforms)."""
+    idx = components.abs().argmax(dim=-2, keepdim=True)  # (..., 1, k)
+    signs = torch.sign(torch.gather(components, -2, idx))
+    return components * torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
+def _top_eigh(cov: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k eigenpairs of symmetric (..., d, d), descending: ((..., k), (..., d, k))."""
+    evals, evecs = torch.linalg.eigh(cov)
+    return evals[..., -k:].flip(-1), evecs[..., -k:].flip(-1)
+
+
+def _whitening_matrix(evals: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
+    """components / sqrt(eigenvalue): z @ W has identity covariance on the fitting rows."""
+    floor = evals.amax(dim=-1, keepdim=True).clamp(min=1e-30) * 1e-12
+    return _fix_signs(components) / evals.clamp(min=floor).sqrt()[..., None, :]
+
+
+def _pca_whitening(z: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """(d, k) float64 PCA-whitening matrix of z-scored rows z (n, d).
+
+    d <= EXACT_PCA_MAX_DIM: exact eigendecomposition of the covariance, accumulated in float64.
+    Larger d (the 12,150-dim latent): randomized range finder with power iterations (Halko et al.
+    2011; n*d*(k+p) work instead of n*d^2 or n^2*d), then an exact Rayleigh-Ritz step on the found
+    k-dim subspace, so the whitened fitting rows have identity covariance to float precision."""
+    n, d = z.shape
+    if d <= EXACT_PCA_MAX_DIM:
+        cov = torch.zeros(d, d, dtype=torch.float64, device=z.device)
+        step = max(1, (1 << 22) // d)
+        for start in range(0, n, step):
+            block = z[start : start + step]
+            cov += (block.T @ block).double()
+        evals, components = _top_eigh(cov / n, k)
+        return _whitening_matrix(evals, components)
+    width = min(k + max(16, k // 8), n, d)
+    omega = torch.randn(d, width, generator=generator, device=z.device, dtype=z.dtype)
+    basis = torch.linalg.qr(z @ omega).Q  # (n, l)
+    for _ in range(2):  # power iterations sharpen the spectrum's top
+        basis = torch.linalg.qr(z.T @ basis).Q  # (d, l)
+        basis = torch.linalg.qr(z @ basis).Q  # (n, l)
+    small = (basis.T @ z).double()  # (l, d)
+    _, _, vh = torch.linalg.svd(small, full_matrices=False)
+    subspace = vh[:k].T.to(z.dtype)  # (d, k) orthonormal
+    scores = (z @ subspace).double()  # (n, k)
+    evals, rotation = _top_eigh(scores.T @ scores / n, k)
+    return _whitening_matrix(evals, subspace.double() @ rotation)
+
+
+class MultiGeneAlignmentModel(nn.Module):
+    """CLIP-style model aligning brain latents (B, V) with gene embeddings ((B, D) single mode,
+    (B, G, D) sequence mode). See the module docstring for the architecture and the front-end."""
+
+    def __init__(
+        self,
+        neuro_input_dim: int = 12150,
+        gene_input_dim: int = 256,
+        num_genes: int = 111,
+        projection_dim: int = 512,
+        use_transformer: bool = False,
+        transformer_hidden_dim: int = 512,
+        transformer_num_layers: int = 4,
+        transformer_num_heads: int = 8,
+        transformer_pooling: str = "mean",
+        neuro_hidden_dim: int | None = None,
+        dropout: float = 0.1,
+        logit_scale_init: float = CLIP_LOGIT_SCALE_INIT,
+        *,
+        neuro_pca_dim: int = 0,
+        gene_pca_dim: int = 0,
+        loss: str = "clip",
+        gene_names=None,
+        latent_shape=None,
+    ):
+        super().__init__()
+        if loss == "siglip" and logit_scale_init == CLIP_LOGIT_SCALE_INIT:
+            logit_scale_init = SIGLIP_LOGIT_SCALE_INIT
+        self._config = ModelConfig(
+            mode="sequence" if use_transformer else "single",
+            neuro_input_dim=int(neuro_input_dim),
+            gene_input_dim=int(gene_input_dim),
+            num_genes=int(num_genes),
+            projection_dim=int(projection_dim),
+            use_transformer=bool(use_transformer),
+            transformer_hidden_dim=int(transformer_hidden_dim),
+            transformer_num_layers=int(transformer_num_layers),
+            transformer_num_heads=int(transformer_num_heads),
+            transformer_pooling=transformer_pooling,
+            neuro_hidden_dim=int(neuro_hidden_dim) if neuro_hidden_dim else None,
+            dropout=float(dropout),
+            logit_scale_init=float(logit_scale_init),
+            loss=loss,
+            neuro_pca_dim=int(neuro_pca_dim),
+            gene_pca_dim=int(gene_pca_dim),
+            gene_names=tuple(str(g) for g in gene_names) if gene_names is not None else None,
+            latent_shape=tuple(int(s) for s in latent_shape) if latent_shape is not None else None,
+        )
+        _validate(self._config)
+        cfg = self._config
+        self.use_transformer = cfg.use_transformer
+        self.loss_type = cfg.loss
+        gene_shape = (cfg.num_genes, cfg.gene_input_dim) if cfg.use_transformer else (cfg.gene_input_dim,)
+
+        # Front-end buffers: identity normalisation until fit_frontend / load_state_dict fills them.
+        self.register_buffer("neuro_mean", torch.zeros(cfg.neuro_input_dim))  # (V,)
+        self.register_buffer("neuro_std", torch.ones(cfg.neuro_input_dim))  # (V,)
+        self.register_buffer("gene_mean", torch.zeros(gene_shape))  # (G, D) | (D,)
+        self.register_buffer("gene_std", torch.ones(gene_shape))  # (G, D) | (D,)
+        self.register_buffer("frontend_fitted", torch.tensor(False))
+        self._frontend_ready = False  # python mirror of frontend_fitted: no device sync per batch
+        self._set_neuro_pca(cfg.neuro_pca_dim, build_encoder=False)
+        self._set_gene_pca(cfg.gene_pca_dim, build_encoder=False)
+
+        self.neuro_encoder = _projection_head(
+            cfg.neuro_pca_dim or cfg.neuro_input_dim, cfg.projection_dim, cfg.neuro_hidden_dim, cfg.dropout
+        )
+        gene_in = cfg.gene_pca_dim or cfg.gene_input_dim
+        if cfg.use_transformer:
+            self.gene_encoder = GeneSequenceEncoder(
+                gene_in,
+                cfg.num_genes,
+                cfg.transformer_hidden_dim,
+                cfg.transformer_num_layers,
+                cfg.transformer_num_heads,
+                cfg.transformer_pooling,
+                cfg.projection_dim,
+                cfg.dropout,
+            )
+        else:
+            self.gene_encoder = nn.Linear(gene_in, cfg.projection_dim, bias=False)
+        _xavier_init(self)
+        if cfg.use_transformer and cfg.transformer_pooling == "cls":
+            nn.init.normal_(self.gene_encoder.cls_token, std=0.02)
+
+        self.logit_scale = nn.Parameter(torch.tensor(cfg.logit_scale_init))
+        if cfg.loss == "siglip":
+            self.logit_bias = nn.Parameter(torch.tensor(SIGLIP_LOGIT_BIAS_INIT))
+        else:
+            self.logit_bias = None
+
+    # ----------------------------------------------------------------------------------- config
+    @property
+    def config(self) -> ModelConfig:
+        return replace(self._config)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> "MultiGeneAlignmentModel":
+        if config.mode not in MODES:
+            raise GenealignError(f"Model mode {config.mode!r} is not one of {MODES}.")
+        return cls(
+            neuro_input_dim=config.neuro_input_dim,
+            gene_input_dim=config.gene_input_dim,
+            num_genes=config.num_genes,
+            projection_dim=config.projection_dim,
+            use_transformer=config.use_transformer or config.mode == "sequence",
+            transformer_hidden_dim=config.transformer_hidden_dim,
+            transformer_num_layers=config.transformer_num_layers,
+            transformer_num_heads=config.transformer_num_heads,
+            transformer_pooling=config.transformer_pooling,
+            neuro_hidden_dim=config.neuro_hidden_dim,
+            dropout=config.dropout,
+            logit_scale_init=config.logit_scale_init,
+            neuro_pca_dim=config.neuro_pca_dim,
+            gene_pca_dim=config.gene_pca_dim,
+            loss=config.loss,
+            gene_names=config.gene_names,
+            latent_shape=config.latent_shape,
+        )
+
+    @classmethod
+    def from_checkpoint(cls, path, map_location="cpu") -> "MultiGeneAlignmentModel":
+        """The trained model of a genealign checkpoint (config + weights + front-end), in eval mode."""
+        path = Path(path)
+        if not path.is_file():
+            raise GenealignError(
+                f"Checkpoint {path} does not exist; pass a best_model.pt / last.pt written by `genealign train`."
+            )
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as exc:  # truncated file, not a torch file, pickled objects
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise GenealignError(
+                f"Checkpoint {path} cannot be read ({type(exc).__name__}: {reason[:200]}); it is corrupt, "
+                "truncated or not a genealign checkpoint: copy it again or retrain."
+            ) from exc
+        config = ckpt.get("config") if isinstance(ckpt, dict) else None
+        if not isinstance(config, dict) or not isinstance(config.get("model"), dict) or "model_state_dict" not in ckpt:
+            raise GenealignError(
+                f"Checkpoint {path} has no config['model'] and model_state_dict; it was not written by "
+                "`genealign train` (a predecessor checkpoint needs its constructor arguments: build "
+                "MultiGeneAlignmentModel(...) yourself and call load_state_dict)."
+            )
+        model = cls.from_config(ModelConfig.from_dict(config["model"]))
+        try:
+            model.load_state_dict(ckpt["model_state_dict"])
+        except RuntimeError as exc:
+            reason = str(exc).strip().splitlines()
+            raise GenealignError(
+                f"Checkpoint {path}: model_state_dict does not fit its config['model'] "
+                f"({' '.join(r.strip() for r in reason[:3])[:300]}); the file is inconsistent: retrain."
+            ) from exc
+        return model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
+
+    # -------------------------------------------------------------------------------- front-end
+    def _set_neuro_pca(self, k: int, build_encoder: bool) -> None:
+        """(Re)size the neuro PCA buffer (V, k) (None when k = 0) and, if asked, the neuro encoder."""
+        cfg = self._config
+        like = self.neuro_mean
+        self.register_buffer(
+            "neuro_pca", torch.zeros(cfg.neuro_input_dim, k, dtype=like.dtype, device=like.device) if k else None
+        )
+        self._config = replace(cfg, neuro_pca_dim=k)
+        if build_encoder:
+            old = next(self.neuro_encoder.parameters())
+            self.neuro_encoder = _projection_head(
+                k or cfg.neuro_input_dim, cfg.projection_dim, cfg.neuro_hidden_dim, cfg.dropout
+            ).to(device=old.device, dtype=old.dtype)
+            _xavier_init(self.neuro_encoder)
+
+    def _set_gene_pca(self, k: int, build_encoder: bool) -> None:
+        """(Re)size the gene PCA buffer (G, D, k) | (D, k) and, if asked, the gene encoder's input layer."""
+        cfg = self._config
+        like = self.gene_mean
+        self.register_buffer(
+            "gene_pca", torch.zeros(*like.shape, k, dtype=like.dtype, device=like.device) if k else None
+        )
+        self._config = replace(cfg, gene_pca_dim=k)
+        if build_encoder:
+            in_dim = k or cfg.gene_input_dim
+            if cfg.use_transformer:
+                old = self.gene_encoder.input_projection.weight
+                layer = nn.Linear(in_dim, cfg.transformer_hidden_dim)
+                _xavier_init(layer)
+                self.gene_encoder.input_projection = layer.to(device=old.device, dtype=old.dtype)
+            else:
+                old = self.gene_encoder.weight
+                layer = nn.Linear(in_dim, cfg.projection_dim, bias=False)
+                _xavier_init(layer)
+                self.gene_encoder = layer.to(device=old.device, dtype=old.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # Adopt the checkpoint's front-end (PCA dims) before the tensors are copied, so that a model
+        # built with the seed's constructor (no PCA arguments) loads a PCA-trained state_dict. Runs
+        # before the children load, so the resized encoder layers receive their weights.
+        neuro_pca = state_dict.get(prefix + "neuro_pca")
+        k_neuro = int(neuro_pca.shape[-1]) if neuro_pca is not None and neuro_pca.dim() == 2 else 0
+        if k_neuro != self._config.neuro_pca_dim:
+            self._set_neuro_pca(k_neuro, build_encoder=True)
+        gene_pca = state_dict.get(prefix + "gene_pca")
+        k_gene = int(gene_pca.shape[-1]) if gene_pca is not None and gene_pca.dim() == self.gene_mean.dim() + 1 else 0
+        if k_gene != self._config.gene_pca_dim:
+            self._set_gene_pca(k_gene, build_encoder=True)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        fitted = state_dict.get(prefix + "frontend_fitted")
+        if fitted is not None:
+            self._frontend_ready = bool(fitted)
+
+    def _check_neuro(self, neuro: torch.Tensor) -> torch.Tensor:
+        v = self._config.neuro_input_dim
+        if neuro.dim() < 2 or math.prod(neuro.shape[1:]) != v:
+            raise GenealignError(
+                f"Neuro input has shape {tuple(neuro.shape)}; the model expects (B, {v}) rows (flattened "
+                "latents, as the store returns them). Check that the store matches the checkpoint."
+            )
+        return neuro.reshape(neuro.shape[0], v)
+
+    def _check_genes(self, genes: torch.Tensor) -> torch.Tensor:
+        cfg = self._config
+        if cfg.use_transformer:
+            want = (cfg.num_genes, cfg.gene_input_dim)
+            hint = "all genes of the store in the model's gene order"
+        else:
+            want = (cfg.gene_input_dim,)
+            hint = "one gene's embedding per row: genes[:, store.gene_index(name)]"
+        if tuple(genes.shape[1:]) != want:
+            raise GenealignError(
+                f"Gene input has shape {tuple(genes.shape)}; this {cfg.mode}-mode model expects (B, "
+                f"{', '.join(map(str, want))}) ({hint})."
+            )
+        return genes
+
+    def _require_fitted(self) -> None:
+        cfg = self._config
+        if (cfg.neuro_pca_dim or cfg.gene_pca_dim) and not self._frontend_ready:
+            raise GenealignError(
+                f"The model's PCA front-end (neuro_pca_dim={cfg.neuro_pca_dim}, gene_pca_dim="
+                f"{cfg.gene_pca_dim}) is not fitted: call model.fit_frontend(neuro, genes) on the train "
+                "split first, or load a trained model with MultiGeneAlignmentModel.from_checkpoint(path)."
+            )
+
+    @torch.no_grad()
+    def fit_frontend(self, neuro: torch.Tensor, genes: torch.Tensor) -> None:
+        """Fit z-scoring (and PCA whitening where the pca dims are > 0) on train-split rows.
+
+        neuro (n, V) and genes (n, G, D) [sequence] or (n, D) [single], raw store values. Runs on the
+        inputs' device; deterministic (fixed generator seed); float64 accumulation of the moments and
+        covariances. A few seconds on CPU for n = 6000, V = 12150, neuro_pca_dim = 256."""
+        neuro = self._check_neuro(neuro)
+        genes = self._check_genes(genes)
+        cfg = self._config
+        n = neuro.shape[0]
+        if genes.shape[0] != n:
+            raise GenealignError(f"fit_frontend got {n} neuro rows but {genes.shape[0]} gene rows; pass the same subjects.")
+        k_max = max(cfg.neuro_pca_dim, cfg.gene_pca_dim)
+        if n < 2 or n <= k_max:
+            raise GenealignError(
+                f"fit_frontend got {n} train rows; z-scoring needs >= 2 and a PCA of {k_max} dims needs more "
+                f"than {k_max}: ingest more subjects or lower --neuro_pca_dim / --gene_pca_dim."
+            )
+        work = torch.float64 if neuro.dtype == torch.float64 else torch.float32
+        generator = torch.Generator(device=neuro.device).manual_seed(FRONTEND_SEED)
+
+        mean, std = _moments(neuro)  # (V,) float64
+        self.neuro_mean.copy_(mean)
+        self.neuro_std.copy_(std)
+        if cfg.neuro_pca_dim:
+            z = torch.empty(n, cfg.neuro_input_dim, dtype=work, device=neuro.device)  # (n, V) z-scored
+            step = max(1, (1 << 24) // cfg.neuro_input_dim)
+            for start in range(0, n, step):
+                z[start : start + step] = ((neuro[start : start + step].double() - mean) / std).to(work)
+            self.neuro_pca.copy_(_pca_whitening(z, cfg.neuro_pca_dim, generator))
+            del z
+
+        flat = genes.reshape(n, -1)  # (n, G*D) | (n, D)
+        gmean, gstd = _moments(flat)
+        self.gene_mean.copy_(gmean.reshape(self.gene_mean.shape))
+        self.gene_std.copy_(gstd.reshape(self.gene_std.shape))
+        if cfg.gene_pca_dim:
+            self.gene_pca.copy_(self._fit_gene_pca(genes, gmean, gstd, work))
+        self.frontend_fitted.fill_(True)
+        self._frontend_ready = True
+
+    def _fit_gene_pca(self, genes, mean, std, work) -> torch.Tensor:
+        """Per-gene whitening (G, D, k) [sequence] or (D, k) [single]: exact (D <= 2048), the (G, D, D)
+        covariances accumulated chunk by chunk in float64 so no z-scored copy of all genes is held."""
+        n = genes.shape[0]
+        d = self._config.gene_input_dim
+        g = genes.reshape(n, -1, d).shape[1]
+        mean, std = mean.reshape(g, d), std.reshape(g, d)
+        cov = torch.zeros(g, d, d, dtype=torch.float64, device=genes.device)
+        step = max(1, (1 << 24) // (g * d))
+        for start in range(0, n, step):
+            z = ((genes[start : start + step].reshape(-1, g, d).double() - mean) / std).to(work)  # (c, G, D)
+            z = z.transpose(0, 1)  # (G, c, D)
+            cov += torch.bmm(z.transpose(1, 2), z).double()
+        evals, components = _top_eigh(cov / n, self._config.gene_pca_dim)
+        whitening = _whitening_matrix(evals, components)  # (G, D, k)
+        return whitening if self.use_transformer else whitening[0]
+
+    def _neuro_frontend(self, neuro: torch.Tensor) -> torch.Tensor:
+        x = (neuro - self.neuro_mean) / self.neuro_std  # (B, V)
+        if self.neuro_pca is not None:
+            x = x @ self.neuro_pca  # (B, kN)
+        return x
+
+    def _gene_frontend(self, genes: torch.Tensor) -> torch.Tensor:
+        x = (genes - self.gene_mean) / self.gene_std  # (B, G, D) | (B, D)
+        if self.gene_pca is not None:
+            if self.use_transformer:
+                x = torch.einsum("bgd,gdk->bgk", x, self.gene_pca)  # (B, G, kG)
+            else:
+                x = x @ self.gene_pca  # (B, kG)
+        return x
+
+    @staticmethod
+    def _no_autocast(x: torch.Tensor):
+        return torch.autocast(device_type=x.device.type, enabled=False)
+
+    # --------------------------------------------------------------------------------- encoders
+    def encode_neuro(self, neuro: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Raw store rows (B, V) -> features (B, P), unit-norm when `normalize`."""
+        neuro = self._check_neuro(neuro)
+        self._require_fitted()
+        with self._no_autocast(neuro):
+            x = self._neuro_frontend(neuro.to(self.neuro_mean.dtype))
+        features = self.neuro_encoder(x)  # (B, P)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_gene(self, genes: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Raw store rows (B, G, D) [sequence] or (B, D) [single] -> features (B, P)."""
+        genes = self._check_genes(genes)
+        self._require_fitted()
+        with self._no_autocast(genes):
+            x = self._gene_frontend(genes.to(self.gene_mean.dtype))
+        features = self.gene_encoder(x)  # (B, P)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def gene_attention(self, genes: torch.Tensor) -> torch.Tensor:
+        """Real gene-gene attention weights, (B, layers, heads, S, S), rows = queries, summing to 1
+        over the last (key) axis; S = G, or G + 1 with cls pooling (CLS at index 0). Sequence mode
+        only. Call in eval mode (in train mode dropout is applied as in training) under no_grad."""
+        if not self.use_transformer:
+            raise GenealignError("gene_attention needs a sequence-mode model (use_transformer=True).")
+        genes = self._check_genes(genes)
+        self._require_fitted()
+        with self._no_autocast(genes):
+            x = self._gene_frontend(genes.to(self.gene_mean.dtype))
+        return self.gene_encoder.forward_with_attention(x)[1]
+
+    # ----------------------------------------------------------------------------------- loss
+    def loss_parameters(self) -> list[nn.Parameter]:
+        """Parameters used by the loss only (not by the encoders): the temperature and siglip bias."""
+        return [self.logit_scale] + ([self.logit_bias] if self.logit_bias is not None else [])
+
+    def contrastive_loss(self, neuro_features: torch.Tensor, gene_features: torch.Tensor) -> torch.Tensor:
+        """The configured loss (clip | siglip) of normalised features (N, P), row i matching row i."""
+        if self.loss_type == "siglip":
+            return siglip_loss(neuro_features, gene_features, self.logit_scale, self.logit_bias)
+        return clip_loss(neuro_features, gene_features, self.logit_scale)
+
+    def forward(self, neuro: torch.Tensor, genes: torch.Tensor, return_loss: bool = True) -> dict:
+        """dict(neuro_features (B, P), gene_features (B, P), logits_per_neuro (B, B), logits_per_gene
+        (B, B), logit_scale (the clamped multiplier exp(logit_scale)), loss (None unless return_loss))."""
+        neuro_features = self.encode_neuro(neuro)
+        gene_features = self.encode_gene(genes)
+        scale = exp_logit_scale(self.logit_scale)
+        logits_per_neuro = scale * neuro_features @ gene_features.T  # (B, B)
+        if self.logit_bias is not None:
+            logits_per_neuro = logits_per_neuro + self.logit_bias
+        return {
+            "neuro_features": neuro_features,
+            "gene_features": gene_features,
+            "logits_per_neuro": logits_per_neuro,
+            "logits_per_gene": logits_per_neuro.T,
+            "logit_scale": scale,
+            "loss": self.contrastive_loss(neuro_features, gene_features) if return_loss else None,
+        }
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: weight decay on matrices only; none on biases, norms, the temperature, the
+        siglip bias, the CLS token and positional parameters."""
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            if param.dim() < 2 or leaf in ("cls_token", "logit_scale", "logit_bias") or "position" in name:
+                no_decay.append(param)
+            else:
+                decay.append(param)
+        return [
+            {"params": decay, "weight_decay": float(weight_decay)},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+
+def _validate(cfg: ModelConfig) -> None:
+    def bad(message: str) -> None:
+        raise GenealignError(message)
+
+    if cfg.loss not in LOSSES:
+        bad(f"loss {cfg.loss!r} is not one of {LOSSES}.")
+    if cfg.transformer_pooling not in POOLINGS:
+        bad(f"transformer_pooling {cfg.transformer_pooling!r} is not one of {POOLINGS}.")
+    for name in ("neuro_input_dim", "gene_input_dim", "num_genes", "projection_dim"):
+        if getattr(cfg, name) < 1:
+            bad(f"{name} must be >= 1, got {getattr(cfg, name)}.")
+    if not 0 <= cfg.neuro_pca_dim <= cfg.neuro_input_dim:
+        bad(f"neuro_pca_dim {cfg.neuro_pca_dim} must be in [0, neuro_input_dim={cfg.neuro_input_dim}].")
+    if not 0 <= cfg.gene_pca_dim <= cfg.gene_input_dim:
+        bad(f"gene_pca_dim {cfg.gene_pca_dim} must be in [0, gene_input_dim={cfg.gene_input_dim}].")
+    if not 0.0 <= cfg.dropout < 1.0:
+        bad(f"dropout {cfg.dropout} must be in [0, 1).")
+    if cfg.use_transformer:
+        if cfg.transformer_hidden_dim % cfg.transformer_num_heads:
+            bad(
+                f"transformer_hidden_dim {cfg.transformer_hidden_dim} must be divisible by "
+                f"transformer_num_heads {cfg.transformer_num_heads}."
+            )
+        if cfg.gene_names is not None and len(cfg.gene_names) != cfg.num_genes:
+            bad(f"{len(cfg.gene_names)} gene_names given for num_genes={cfg.num_genes}.")
+    if cfg.latent_shape is not None and math.prod(cfg.latent_shape) != cfg.neuro_input_dim:
+        bad(f"latent_shape {cfg.latent_shape} has {math.prod(cfg.latent_shape)} values, not neuro_input_dim={cfg.neuro_input_dim}.")

@@ -1,0 +1,243 @@
+"""Ingest speed and memory against the floor of simply reading every input file once.
+
+    python benchmarks/ingest.py                      # 10,000 subjects x 111 genes (the default cohort)
+    python benchmarks/ingest.py --subjects 2000 --genes 28
+    python benchmarks/ingest.py --compressors        # the store's compressor choice, measured
+
+Prints, from one run on one cohort:
+- floor: `pandas.read_csv` of every CSV plus `np.load` of every latent, one process;
+- `ingest` with workers=1 and workers=2: seconds, ratio to the floor, peak RSS of the main process
+  and of its largest worker;
+- peak RSS of ingest at a second, smaller gene count (--rss_genes, a subset of the same cohort), to
+  show memory does not grow with the number of genes.
+Every measurement runs in a fresh child process (own RSS, no warm imports); the page cache is warmed
+and dirty pages are flushed (`sync`) before each, so runs do not pay for each other's writes.
+The cohort comes from `pipeline.synth.synthesize` (in-file generator if that is unavailable) and is
+kept in --work_dir for the next run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+# --------------------------------------------------------------------------------------------- cohort
+def make_cohort(work_dir: Path, subjects: int, genes: int) -> tuple[Path, Path]:
+    cohort = work_dir / f"cohort_{subjects}x{genes}"
+    marker = cohort / "complete.json"
+    if marker.exists():
+        meta = json.loads(marker.read_text())
+        return Path(meta["gene_embedding_dir"]), Path(meta["brain_latent_dir"])
+    started = time.perf_counter()
+    try:
+        from pipeline.synth import SynthConfig, synthesize
+
+        result = synthesize(SynthConfig(out_dir=cohort, subjects=subjects, genes=genes))
+        gene_dir, latent_dir, how = result.gene_embedding_dir, result.brain_latent_dir, "pipeline.synth"
+    except ImportError:
+        gene_dir, latent_dir = _simple_cohort(cohort, subjects, genes)
+        how = "in-file generator"
+    marker.write_text(json.dumps({"gene_embedding_dir": str(gene_dir), "brain_latent_dir": str(latent_dir)}))
+    print(f"generated cohort {cohort} with {how} in {time.perf_counter() - started:.0f}s", flush=True)
+    return gene_dir, latent_dir
+
+
+def _simple_cohort(cohort: Path, subjects: int, genes: int) -> tuple[Path, Path]:
+    """Same formats as synth: shuffled rows, 5-decimal values, 7-digit IIDs, float32 latents."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    gene_dir, latent_dir = cohort / "gene_embeddings", cohort / "brain_latent"
+    gene_dir.mkdir(parents=True, exist_ok=True)
+    latent_dir.mkdir(parents=True, exist_ok=True)
+    iids = np.array([str(i) for i in rng.choice(np.arange(1_000_000, 6_000_000), subjects, replace=False)])
+    for g in range(genes):
+        frame = pd.DataFrame(rng.normal(size=(subjects, 256)).astype(np.float32),
+                             columns=[f"emb_{j}" for j in range(256)])
+        frame.insert(0, "IID", iids)
+        frame.iloc[rng.permutation(subjects)].to_csv(
+            gene_dir / f"GENE{g:03d}_brain_gene_embeddingUKB.csv", index=False, float_format="%.5f"
+        )
+    for iid in iids:
+        np.savez(latent_dir / f"{iid}_latent.npz", latent=rng.normal(size=(3, 15, 18, 15)).astype(np.float32))
+    return gene_dir, latent_dir
+
+
+# ------------------------------------------------------------------------------------------ children
+def child_floor(args: dict) -> dict:
+    import pandas as pd
+
+    gene_dir, latent_dir = Path(args["gene_dir"]), Path(args["latent_dir"])
+    names = args["genes"]
+    started = time.perf_counter()
+    rows = 0
+    for name in names:
+        rows += len(pd.read_csv(gene_dir / f"{name}_brain_gene_embeddingUKB.csv"))
+    for entry in os.scandir(latent_dir):
+        if entry.name.endswith("_latent.npz"):
+            with np.load(entry.path) as npz:
+                npz["latent"]
+    return {"seconds": time.perf_counter() - started, "rows": rows}
+
+
+def child_ingest(args: dict) -> dict:
+    from pipeline.ingest import IngestConfig, ingest
+
+    started = time.perf_counter()
+    result = ingest(
+        IngestConfig(
+            gene_embedding_dir=args["gene_dir"], brain_latent_dir=args["latent_dir"], store=args["store"],
+            workers=args["workers"], genes=tuple(args["genes"]), overwrite=True, dtype=args.get("dtype", "float32"),
+        )
+    )
+    return {
+        "seconds": time.perf_counter() - started,
+        "n_kept": result.n_kept,
+        "phases": {k: round(v, 2) for k, v in result.phase_seconds.items()},
+    }
+
+
+def child_main(kind: str, payload: str) -> None:
+    args = json.loads(payload)
+    out = {"floor": child_floor, "ingest": child_ingest}[kind](args)
+    out["rss_self_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["rss_workers_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def run_child(kind: str, args: dict) -> dict:
+    os.sync()  # earlier runs' dirty pages must not be flushed on this run's time
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", kind, json.dumps(args)], capture_output=True, text=True, cwd=ROOT
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"{kind} child failed:\n{proc.stdout}\n{proc.stderr}")
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def warm_cache(gene_dir: Path, latent_dir: Path) -> None:
+    for directory in (gene_dir, latent_dir):
+        for entry in os.scandir(directory):
+            with open(entry.path, "rb") as fh:
+                while fh.read(16 << 20):
+                    pass
+
+
+# ------------------------------------------------------------------------------------- compressors
+def measure_compressors(work_dir: Path, subjects: int, genes: int) -> None:
+    """Write and read back a store's two big arrays with each candidate compressor."""
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    from pipeline.store import create_store_arrays
+
+    rng = np.random.default_rng(0)
+    latent_shape, dim = (3, 15, 18, 15), 256
+    candidates = {
+        "none": None,
+        "blosc-lz4": BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
+        "blosc-zstd1": BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"),
+        "blosc-zstd5": BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"),
+    }
+    # Values like a real cohort's: 5-decimal CSV text parsed to float32, smooth-ish latents.
+    probe = create_store_arrays(work_dir / "probe.zarr", subjects, latent_shape, genes, dim)
+    c = probe["genes"].chunks[0]
+    shutil.rmtree(work_dir / "probe.zarr")
+    genes_block = np.round(rng.normal(size=(c, genes, dim)), 5).astype(np.float32)  # (c, G, D)
+    neuro_block = rng.normal(size=(c, *latent_shape)).astype(np.float32)
+    n_bytes = subjects * (genes * dim + int(np.prod(latent_shape))) * 4
+    print(f"\ncompressors: {subjects} subjects x {genes} genes x {dim} + latents {latent_shape}, float32, "
+          f"chunks of {c} subjects, {n_bytes / 2**30:.2f} GiB raw")
+    print(f"{'compressor':<12} {'write GB/s':>10} {'read GB/s':>10} {'size ratio':>10}")
+    for name, codec in candidates.items():
+        path = work_dir / f"compress_{name}.zarr"
+        shutil.rmtree(path, ignore_errors=True)
+        os.sync()
+        group = create_store_arrays(path, subjects, latent_shape, genes, dim, compressors=codec)
+        started = time.perf_counter()
+        for lo in range(0, subjects, c):
+            hi = min(subjects, lo + c)
+            group["genes"][lo:hi] = genes_block[: hi - lo]
+            group["neuro"][lo:hi] = neuro_block[: hi - lo]
+        write_s = time.perf_counter() - started
+        reader = zarr.open_group(str(path), mode="r")
+        started = time.perf_counter()
+        for lo in range(0, subjects, c):
+            np.asarray(reader["genes"][lo:lo + c])
+            np.asarray(reader["neuro"][lo:lo + c])
+        read_s = time.perf_counter() - started
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+        print(f"{name:<12} {n_bytes / write_s / 1e9:>10.2f} {n_bytes / read_s / 1e9:>10.2f} {n_bytes / size:>10.3f}")
+        shutil.rmtree(path)
+
+
+# --------------------------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--subjects", type=int, default=10_000)
+    parser.add_argument("--genes", type=int, default=111)
+    parser.add_argument("--rss_genes", type=int, default=28, help="second gene count for the RSS comparison")
+    parser.add_argument("--repeat", type=int, default=1, help="best of N for each timing")
+    parser.add_argument("--work_dir", type=Path, default=Path("/tmp/genealign_bench_ingest"))
+    parser.add_argument("--compressors", action="store_true", help="only measure the compressor choice")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child_main(*args.child)
+        return
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    if args.compressors:
+        measure_compressors(args.work_dir, min(args.subjects, 2000), args.genes)
+        return
+
+    from pipeline.ingest import get_all_gene_names
+
+    gene_dir, latent_dir = make_cohort(args.work_dir, args.subjects, args.genes)
+    all_genes = get_all_gene_names(gene_dir)
+    store = str(args.work_dir / "bench.zarr")
+    warm_cache(gene_dir, latent_dir)
+    n_latents = sum(1 for _ in os.scandir(latent_dir))
+    print(f"cohort: {args.subjects} subjects, {len(all_genes)} gene CSVs, {n_latents} latent files; "
+          f"{os.cpu_count()} CPUs; best of {args.repeat}", flush=True)
+
+    def best(kind: str, payload: dict) -> dict:
+        runs = [run_child(kind, payload) for _ in range(args.repeat)]
+        return min(runs, key=lambda r: r["seconds"])
+
+    rows = []
+    for n_genes in (len(all_genes), min(args.rss_genes, len(all_genes))):
+        genes = all_genes[:n_genes]
+        common = {"gene_dir": str(gene_dir), "latent_dir": str(latent_dir), "genes": genes}
+        floor = best("floor", common)
+        rows.append((f"floor ({n_genes} genes)", floor, floor["seconds"]))
+        worker_counts = (1, 2) if n_genes == len(all_genes) else (1,)
+        for workers in worker_counts:
+            result = best("ingest", {**common, "store": store, "workers": workers})
+            rows.append((f"ingest workers={workers} ({n_genes} genes)", result, floor["seconds"]))
+            shutil.rmtree(store, ignore_errors=True)
+
+    print(f"\n{'run':<30} {'seconds':>8} {'x floor':>8} {'RSS main MiB':>13} {'RSS worker MiB':>15}  phases")
+    for label, result, floor_s in rows:
+        workers_rss = f"{result['rss_workers_mib']:.0f}" if "workers=2" in label else "-"
+        print(
+            f"{label:<30} {result['seconds']:>8.2f} {result['seconds'] / floor_s:>8.2f} "
+            f"{result['rss_self_mib']:>13.0f} {workers_rss:>15}  {result.get('phases', '')}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1085 @@
+"""One-shot ingest: the gene CSVs and the npz latents -> one subject-aligned Zarr store.
+
+Owns `IngestConfig`, `ingest()`, `IngestResult`, `get_all_gene_names`, `parse_gene_list` and
+`store_summary` (what `genealign info` prints). The store layout is `pipeline/store.py`'s.
+
+Decisions
+- Subjects: kept when they have a usable latent and a finite row in every selected gene CSV. Every
+  other IID seen on either side is listed with one reason in `ingest_report.json` inside the store
+  (first that applies: unreadable latent / NaN or inf in latent / latent of wrong shape / no latent /
+  in no gene CSV / missing from gene X / NaN or inf in gene X). IIDs are the text in the files
+  (read with dtype=str, never via float), so "0012345" and "12345" are different subjects.
+- Rows are sorted by IID text; the gene axis is sorted gene names, or the order the user gave with
+  --genes / --genes_file. Split codes come from `assign_split` (a hash of the IID), so adding
+  subjects never moves an existing one.
+- Latent array: --latent_key if given, else `latent`, else the only array; several arrays and none
+  named `latent` is an error. The latent shape is the most common one (ties: the first by IID);
+  others are dropped, as are unreadable files.
+- Existing store: same inputs (fingerprints: size + mtime_ns of every file, plus a SHA-256 of the
+  first 64 KiB of each gene CSV) and same options -> reused, a quick no-op. Different inputs or
+  options -> an error asking for --overwrite: a store silently rebuilt under a running job or a
+  checkpoint could change its rows. --overwrite never replaces a directory that is not a store.
+- Atomic: everything is written into temporary siblings of the store (`.NAME.*.partial` for the
+  store, `.NAME.*.scratch` for scratch files) and renamed into place at the end (`replace_dir`). A
+  killed ingest leaves the previous store intact; its leftovers are removed by the next ingest once
+  their owner process is gone.
+
+How memory stays bounded (peak RSS does not grow with the number of genes)
+1. Parse: one task per gene CSV (`workers` spawn processes; in-process when workers=1). A task
+   parses one CSV (IID as str, values as float32), sorts its rows by IID, and writes the values in
+   the store dtype to a raw scratch file (rows, D) and its sorted IIDs to a small .npy. Only a
+   worker's current CSV is in memory. Meanwhile the main process reads every latent once, checks it
+   and appends it to a scratch file per latent shape.
+2. Plan: gene IID lists are loaded one at a time to find the kept subjects, each one's reason if
+   dropped, and for every gene the row of each kept subject in that gene's scratch file (written to
+   a (1 + G, N) int32 positions file, row 0 for the latents). Memory O(subjects).
+3. Copy: chunk by chunk (chunks hold whole subjects: (c, G, D) with c from `chunk_rows_for`, about
+   8 MiB), each gene's rows are read with one `pread` (the scratch rows are sorted by IID like the
+   store, so a chunk's rows are one contiguous range) into a (c, G, D) buffer that is written as a
+   whole chunk: no read-modify-write. Chunks are spread over the workers.
+
+Compression (benchmarks/ingest.py --compressors, 2,000 subjects x 111 genes x 256 + latents,
+float32 Gaussian data, local ext4, 2-core VM; write / sequential read in GB/s, size ratio):
+see COMPRESSOR_FIGURES below. Dense float embeddings barely compress, so the store is uncompressed:
+no decompression on the loader's hot path.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.atomic import atomic_write_json, recover_dir, replace_dir, temp_dir_for
+from pipeline.errors import GenealignError, GeneNotFoundError
+from pipeline.sources import (
+    DEFAULT_IID_COLUMN,
+    DEFAULT_LATENT_KEY,
+    GENE_FILE_SUFFIX,
+    LATENT_FILE_SUFFIX,
+    gene_file_name,
+)
+from pipeline.store import (
+    DEFAULT_SPLIT_FRACTIONS,
+    REPORT_NAME,
+    SCHEMA_VERSION,
+    SPLIT_CODES,
+    assign_split,
+    base_attrs,
+    create_store_arrays,
+    split_fractions_valid,
+)
+
+COMPRESSOR_FIGURES = """(filled in from benchmarks/ingest.py --compressors)"""
+
+DTYPES = ("float32", "float16")
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+FINGERPRINTS_NAME = "fingerprints.json"
+OWNER_NAME = ".genealign-ingest-owner"
+HEAD_BYTES = 64 << 10
+# The strings pandas reads as NaN by default: such a cell drops the subject ("NaN or inf in gene X").
+_NA_STRINGS = frozenset(
+    ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+     "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
+)
+
+
+# ------------------------------------------------------------------------------------------ public API
+@dataclass(frozen=True)
+class IngestConfig:
+    gene_embedding_dir: Path
+    brain_latent_dir: Path
+    store: Path
+    iid_column: str = DEFAULT_IID_COLUMN
+    latent_key: str | None = None
+    dtype: str = "float32"
+    genes: tuple[str, ...] | None = None  # None: every gene CSV, sorted by name; else this order
+    workers: int = 1  # processes parsing CSVs; 1 = everything in this process
+    overwrite: bool = False
+    split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS
+
+
+@dataclass
+class IngestResult:
+    store: Path
+    reused: bool
+    n_kept: int
+    n_genes: int
+    latent_shape: tuple[int, ...]
+    found: dict[str, int]  # subject counts per side, e.g. "latent files", "IIDs in every gene CSV"
+    dropped_by_reason: dict[str, int]
+    dropped: list[tuple[str, str]]  # (iid, reason)
+    seconds: float
+    gene_names: tuple[str, ...] = ()
+    dtype: str = "float32"
+    split_counts: dict[str, int] = field(default_factory=dict)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def get_all_gene_names(gene_embedding_dir: str | Path) -> list[str]:
+    """Sorted names of the genes with a `{GENE}_brain_gene_embeddingUKB.csv` in the directory."""
+    directory = _existing_dir(gene_embedding_dir, "--gene_embedding_dir", "Gene embedding")
+    names = sorted(
+        entry.name[: -len(GENE_FILE_SUFFIX)]
+        for entry in os.scandir(directory)
+        if entry.name.endswith(GENE_FILE_SUFFIX) and entry.is_file()
+    )
+    if not names:
+        raise GenealignError(
+            f"No gene embedding files found in {directory}: expected files named "
+            f"{{GENE}}{GENE_FILE_SUFFIX} (e.g. {gene_file_name('APOE')}); check --gene_embedding_dir."
+        )
+    return names
+
+
+def parse_gene_list(genes: str | None, genes_file: str | Path | None) -> tuple[str, ...] | None:
+    """--genes "APOE,BDNF" or --genes_file (one per line or comma separated, '#' starts a comment)
+    -> the names in the given order, duplicates removed; None when neither is given (all genes)."""
+    if genes is not None and genes_file is not None:
+        raise GenealignError("Pass either --genes or --genes_file, not both.")
+    if genes is None and genes_file is None:
+        return None
+    if genes_file is not None:
+        path = Path(genes_file)
+        if not path.is_file():
+            raise GenealignError(f"Genes file {path} does not exist (--genes_file).")
+        text, where = path.read_text(), f"genes file {path}"
+    else:
+        text, where = genes, "--genes"
+    names = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0]
+        names.extend(name.strip() for name in line.split(","))
+    names = tuple(dict.fromkeys(name for name in names if name))
+    if not names:
+        raise GenealignError(f"No gene names in {where}: give names like APOE,BDNF.")
+    return names
+
+
+def ingest(config: IngestConfig) -> IngestResult:
+    """CSVs + npz -> the store at `config.store` (see the module docstring for what is decided)."""
+    started = time.perf_counter()
+    phases: dict[str, float] = {}
+    tick = time.perf_counter()
+    options = _validated_options(config)
+    store = Path(config.store)
+    sources = _scan_sources(config)
+    options["gene_names"] = list(sources.gene_names)
+    fingerprints = _fingerprints(sources)
+    existing = _existing_store(store, options, fingerprints, config.overwrite)
+    if existing is not None:
+        existing.seconds = time.perf_counter() - started
+        return existing
+    _remove_stale_temp_dirs(store)
+    phases["scan"] = time.perf_counter() - tick
+
+    scratch = Path(tempfile.mkdtemp(prefix=f".{store.name}.", suffix=".scratch", dir=store.parent))
+    _write_owner(scratch)
+    tmp: Path | None = None
+    pool = None
+    try:
+        if config.workers > 1:
+            import multiprocessing
+
+            # spawn, not fork: zarr 3 runs an event-loop thread that a forked child would inherit.
+            pool = ProcessPoolExecutor(max_workers=config.workers, mp_context=multiprocessing.get_context("spawn"))
+        tick = time.perf_counter()
+        gene_results, latents = _parse_sources(sources, options, scratch, pool)
+        phases["parse"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        plan = _plan(sources, gene_results, latents, scratch)
+        phases["plan"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        tmp = temp_dir_for(store)
+        group = create_store_arrays(
+            tmp, plan.n_kept, plan.latent_shape, len(sources.gene_names), sources.width, dtype=options["dtype"]
+        )
+        _write_owner(tmp)
+        split = assign_split(plan.kept_iids, options["split_fractions"])
+        group["iid"][:] = plan.kept_iids
+        group["gene_names"][:] = np.asarray(sources.gene_names, dtype=str)
+        group["split"][:] = split
+        _copy_all(plan, tmp, scratch, options["dtype"], int(group["genes"].chunks[0]), pool)
+        phases["copy"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        split_counts = {name: int(np.sum(split == code)) for name, code in SPLIT_CODES.items()}
+        dropped_by_reason = dict(Counter(entry["reason"] for entry in plan.dropped))
+        attrs = base_attrs(
+            plan.n_kept, plan.latent_shape, len(sources.gene_names), sources.width, options["dtype"],
+            options["split_fractions"],
+        )
+        attrs.update(
+            sources={"gene_embedding_dir": str(sources.gene_dir), "brain_latent_dir": str(sources.latent_dir)},
+            fingerprints={
+                "digest": fingerprints["digest"],
+                "gene_files": fingerprints["gene_files"],
+                "latent_files": {"count": len(sources.latent_iids), "sha256": fingerprints["latent_digest"]},
+            },
+            ingest={"options": options, "digest": fingerprints["digest"]},
+            counts={
+                "kept": plan.n_kept, "dropped": len(plan.dropped), "found": plan.found,
+                "split": split_counts, "dropped_by_reason": dropped_by_reason,
+            },
+        )
+        group.attrs.update(attrs)
+        atomic_write_json(
+            tmp / REPORT_NAME,
+            {
+                "kept": plan.n_kept,
+                "found": plan.found,
+                "rows_per_gene": plan.rows_per_gene,
+                "dropped_by_reason": dropped_by_reason,
+                "dropped": plan.dropped,
+            },
+        )
+        atomic_write_json(
+            tmp / FINGERPRINTS_NAME,
+            {"gene_files": fingerprints["gene_files"], "latent_files": fingerprints["latent_files"]},
+        )
+        (tmp / OWNER_NAME).unlink()
+        replace_dir(tmp, store)
+        tmp = None
+        phases["finalize"] = time.perf_counter() - tick
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    return IngestResult(
+        store=store,
+        reused=False,
+        n_kept=plan.n_kept,
+        n_genes=len(sources.gene_names),
+        latent_shape=plan.latent_shape,
+        found=plan.found,
+        dropped_by_reason=dropped_by_reason,
+        dropped=[(entry["iid"], entry["reason"]) for entry in plan.dropped],
+        seconds=time.perf_counter() - started,
+        gene_names=tuple(sources.gene_names),
+        dtype=options["dtype"],
+        split_counts=split_counts,
+        phase_seconds=phases,
+    )
+
+
+def store_summary(view) -> dict:
+    """What `genealign info` prints about an opened store (`pipeline.open_store`)."""
+    attrs = view.attrs
+    counts = attrs.get("counts", {})
+    report = view.report()
+    size = _size_on_disk(view.path)
+    compressors = getattr(view.genes, "compressors", ()) or ()
+    return {
+        "path": str(view.path),
+        "subjects": view.n_subjects,
+        "split": {name: int(np.sum(view.split == code)) for name, code in SPLIT_CODES.items()},
+        "split_fractions": attrs.get("split_fractions"),
+        "genes": view.n_genes,
+        "gene_names": list(view.gene_names),
+        "embedding_dim": view.embedding_dim,
+        "latent_shape": list(view.latent_shape),
+        "dtype": view.dtype,
+        "chunk_rows": view.chunk_rows,
+        "chunks": {"neuro": list(view.neuro.chunks), "genes": list(view.genes.chunks)},
+        "compression": ", ".join(type(c).__name__ for c in compressors) or "none",
+        "size_on_disk": _human_bytes(size),
+        "sources": attrs.get("sources", {}),
+        "found": counts.get("found", report.get("found", {})),
+        "dropped": len(report.get("dropped", [])),
+        "dropped_by_reason": report.get("dropped_by_reason", counts.get("dropped_by_reason", {})),
+        "created": attrs.get("created"),
+        "tool_version": attrs.get("tool_version"),
+        "schema_version": attrs.get("schema_version"),
+    }
+
+
+# --------------------------------------------------------------------------------------------- sources
+@dataclass
+class _Sources:
+    gene_dir: Path  # absolute
+    latent_dir: Path  # absolute
+    gene_names: list[str]  # the store's gene axis order
+    gene_paths: list[Path]
+    gene_columns: list[list[str]]  # each CSV's header
+    width: int  # D, the embedding width shared by every gene CSV
+    latent_iids: np.ndarray  # (L,) str, sorted
+    latent_stats: list[tuple[int, int]]  # (size, mtime_ns) per latent, same order
+
+
+def _validated_options(config: IngestConfig) -> dict:
+    if config.dtype not in DTYPES:
+        raise GenealignError(f"Unknown --dtype '{config.dtype}': use float32 or float16.")
+    if int(config.workers) < 1:
+        raise GenealignError(f"--workers must be at least 1 (got {config.workers}).")
+    if not config.iid_column:
+        raise GenealignError("--iid_column must not be empty.")
+    return {
+        "iid_column": config.iid_column,
+        "latent_key": config.latent_key,
+        "dtype": config.dtype,
+        "split_fractions": list(split_fractions_valid(config.split_fractions)),
+    }
+
+
+def _existing_dir(path, option: str, what: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise GenealignError(f"{what} directory {path} does not exist (check {option}).")
+    if not path.is_dir():
+        raise GenealignError(f"{what} directory {path} is not a directory (check {option}).")
+    return path.resolve()
+
+
+def _scan_sources(config: IngestConfig) -> _Sources:
+    gene_dir = _existing_dir(config.gene_embedding_dir, "--gene_embedding_dir", "Gene embedding")
+    latent_dir = _existing_dir(config.brain_latent_dir, "--brain_latent_dir", "Brain latent")
+    available = get_all_gene_names(gene_dir)
+    requested = config.genes
+    if isinstance(requested, str):
+        requested = parse_gene_list(requested, None)
+    if requested is None:
+        gene_names = available
+    else:
+        known = set(available)
+        for name in requested:
+            if name not in known:
+                raise GeneNotFoundError(_gene_not_found(name, available, gene_dir))
+        gene_names = list(dict.fromkeys(requested))
+
+    gene_paths = [gene_dir / gene_file_name(name) for name in gene_names]
+    gene_columns = [_read_header(path) for path in gene_paths]
+    width = None
+    for path, columns in zip(gene_paths, gene_columns):
+        if config.iid_column not in columns:
+            shown = ", ".join(columns[:6]) + (f", ... ({len(columns)} columns)" if len(columns) > 6 else "")
+            raise GenealignError(
+                f"{path}: no IID column '{config.iid_column}'; columns found: {shown}. "
+                "Pass --iid_column with the name of the subject ID column."
+            )
+        n_values = len(columns) - 1
+        if n_values < 1:
+            raise GenealignError(f"{path}: only the IID column, no embedding columns; expected IID then one column per dimension.")
+        if width is None:
+            width, width_path = n_values, path
+        elif n_values != width:
+            raise GenealignError(
+                f"Gene embedding widths differ: {width_path.name} has {width} value columns, {path.name} has "
+                f"{n_values}; every gene CSV must have the same number of embedding columns."
+            )
+
+    latents = []
+    for entry in os.scandir(latent_dir):
+        if entry.name.endswith(LATENT_FILE_SUFFIX) and entry.is_file():
+            stat = entry.stat()
+            latents.append((entry.name[: -len(LATENT_FILE_SUFFIX)], stat.st_size, stat.st_mtime_ns))
+    if not latents:
+        raise GenealignError(
+            f"No brain latent files found in {latent_dir}: expected files named {{IID}}{LATENT_FILE_SUFFIX}; "
+            "check --brain_latent_dir."
+        )
+    latents.sort()
+    return _Sources(
+        gene_dir=gene_dir,
+        latent_dir=latent_dir,
+        gene_names=gene_names,
+        gene_paths=gene_paths,
+        gene_columns=gene_columns,
+        width=int(width),
+        latent_iids=np.array([iid for iid, _, _ in latents], dtype=str),
+        latent_stats=[(size, mtime) for _, size, mtime in latents],
+    )
+
+
+def _gene_not_found(name: str, available: list[str], gene_dir: Path) -> str:
+    same_case = [a for a in available if a.lower() == name.lower()]
+    close = list(dict.fromkeys(same_case + difflib.get_close_matches(name, available, n=5, cutoff=0.6)))
+    hint = f" Close matches: {', '.join(close)}." if close else ""
+    return (
+        f"Gene '{name}' not found in {gene_dir} ({len(available)} genes).{hint} List them all with "
+        f"`genealign info --store STORE` after an ingest, or pipeline.ingest.get_all_gene_names('{gene_dir}')."
+    )
+
+
+def _read_header(path: Path) -> list[str]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            header = next(csv.reader(fh), None)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GenealignError(f"{path}: cannot read the header ({exc}).") from exc
+    if not header:
+        raise GenealignError(f"{path} is empty; expected a header line: IID then one column per dimension.")
+    return header
+
+
+# ---------------------------------------------------------------------------------- fingerprints/reuse
+def _fingerprints(sources: _Sources) -> dict:
+    """size + mtime_ns of every input file and a hash of each gene CSV's first 64 KiB (its header)."""
+    gene_files = {}
+    for path in sources.gene_paths:
+        stat = path.stat()
+        with open(path, "rb") as fh:
+            head = hashlib.sha256(fh.read(HEAD_BYTES)).hexdigest()
+        gene_files[path.name] = [stat.st_size, stat.st_mtime_ns, head]
+    latent_files = {
+        f"{iid}{LATENT_FILE_SUFFIX}": [size, mtime]
+        for iid, (size, mtime) in zip(sources.latent_iids.tolist(), sources.latent_stats)
+    }
+    latent_digest = hashlib.sha256(json.dumps(latent_files).encode()).hexdigest()
+    digest = hashlib.sha256(
+        json.dumps({"sources": [str(sources.gene_dir), str(sources.latent_dir)], "genes": gene_files,
+                    "latents": latent_digest}).encode()
+    ).hexdigest()
+    return {"gene_files": gene_files, "latent_files": latent_files, "latent_digest": latent_digest, "digest": digest}
+
+
+def _existing_store(store: Path, options: dict, fingerprints: dict, overwrite: bool) -> IngestResult | None:
+    """The result of the previous ingest when `store` is up to date; None when it must be (re)built;
+    an error when it is out of date and --overwrite was not given, or is not a store at all."""
+    recover_dir(store)
+    if not store.exists():
+        return None
+    if store.is_dir() and not any(store.iterdir()):
+        return None
+    attrs = _store_attrs(store)
+    if attrs is None:
+        raise GenealignError(
+            f"{store} exists and is not a genealign store; refusing to replace it. Choose another --store path."
+        )
+    if overwrite:
+        return None
+    previous = attrs.get("ingest", {})
+    changes = []
+    if attrs.get("schema_version") != SCHEMA_VERSION:
+        changes.append(f"schema version {attrs.get('schema_version')} -> {SCHEMA_VERSION}")
+    old_options = previous.get("options", {})
+    for key, value in options.items():
+        if previous and old_options.get(key) != value:
+            changes.append(f"{key} {_shown(old_options.get(key))} -> {_shown(value)}")
+    if not previous:
+        changes.append("it was not written by `genealign ingest`")
+    elif previous.get("digest") != fingerprints["digest"]:
+        changes.append(_describe_input_changes(store, attrs, fingerprints))
+    if changes:
+        raise GenealignError(
+            f"Store {store} is out of date ({'; '.join(changes)}); pass --overwrite to rebuild it "
+            "(existing subjects keep their split), or choose another --store path."
+        )
+    report = _read_json(store / REPORT_NAME) or {}
+    counts = attrs.get("counts", {})
+    gene_names = _store_gene_names(store)
+    return IngestResult(
+        store=store,
+        reused=True,
+        n_kept=int(attrs.get("n_subjects", 0)),
+        n_genes=int(attrs.get("n_genes", 0)),
+        latent_shape=tuple(attrs.get("latent_shape", ())),
+        found=dict(report.get("found", counts.get("found", {}))),
+        dropped_by_reason=dict(report.get("dropped_by_reason", {})),
+        dropped=[(entry["iid"], entry["reason"]) for entry in report.get("dropped", [])],
+        seconds=0.0,
+        gene_names=gene_names,
+        dtype=str(attrs.get("dtype")),
+        split_counts=dict(counts.get("split", {})),
+    )
+
+
+def _store_attrs(store: Path) -> dict | None:
+    meta = _read_json(store / "zarr.json")
+    if not meta or meta.get("attributes", {}).get("kind") != "genealign-store":
+        return None
+    return meta["attributes"]
+
+
+def _store_gene_names(store: Path) -> tuple[str, ...]:
+    try:
+        from pipeline.store import open_store
+
+        return open_store(store).gene_names
+    except GenealignError:
+        return ()
+
+
+def _shown(value) -> str:
+    if not isinstance(value, list):
+        return str(value)
+    return ",".join(str(v) for v in value[:4]) + (f",... ({len(value)})" if len(value) > 4 else "")
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _describe_input_changes(store: Path, attrs: dict, fingerprints: dict) -> str:
+    previous = attrs.get("fingerprints", {})
+    old_sources = attrs.get("sources", {})
+    parts = []
+    old_genes, new_genes = previous.get("gene_files", {}), fingerprints["gene_files"]
+    added = sorted(set(new_genes) - set(old_genes))
+    removed = sorted(set(old_genes) - set(new_genes))
+    changed = sorted(n for n in set(old_genes) & set(new_genes) if old_genes[n] != new_genes[n])
+    for label, names in (("gene files added", added), ("removed", removed), ("changed", changed)):
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            parts.append(f"{label}: {shown}")
+    old_latents = (_read_json(store / FINGERPRINTS_NAME) or {}).get("latent_files")
+    new_latents = fingerprints["latent_files"]
+    if old_latents is not None:
+        n_added = len(set(new_latents) - set(old_latents))
+        n_removed = len(set(old_latents) - set(new_latents))
+        n_changed = sum(1 for n in set(old_latents) & set(new_latents) if old_latents[n] != new_latents[n])
+        if n_added or n_removed or n_changed:
+            parts.append(f"latent files: {n_added} added, {n_removed} removed, {n_changed} changed")
+    elif previous.get("latent_files", {}).get("sha256") != fingerprints["latent_digest"]:
+        parts.append("latent files changed")
+    if not parts:
+        parts.append(
+            f"source directories were {old_sources.get('gene_embedding_dir')} and {old_sources.get('brain_latent_dir')}"
+        )
+    return "inputs changed: " + "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------- temp dir hygiene
+def _write_owner(directory: Path) -> None:
+    (directory / OWNER_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+
+
+def _remove_stale_temp_dirs(store: Path) -> None:
+    """Remove temp dirs left by an ingest of this store that was killed (its process is gone)."""
+    if not store.parent.exists():
+        return
+    for candidate in store.parent.glob(f".{store.name}.*"):
+        if not (candidate.name.endswith(".partial") or candidate.name.endswith(".scratch")):
+            continue
+        owner = _read_json(candidate / OWNER_NAME)
+        if not owner or owner.get("host") != socket.gethostname():
+            continue
+        if not _pid_alive(int(owner.get("pid", -1))):
+            shutil.rmtree(candidate, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ------------------------------------------------------------------------------------- parse: genes
+@dataclass(frozen=True)
+class _GeneTask:
+    index: int
+    path: Path
+    columns: list[str]
+    iid_column: str
+    dtype: str
+    scratch: Path
+
+
+def _gene_values_path(scratch: Path, index: int) -> Path:
+    return scratch / f"gene{index:05d}.bin"
+
+
+def _gene_iids_path(scratch: Path, index: int) -> Path:
+    return scratch / f"gene{index:05d}.iid.npy"
+
+
+def _parse_gene_csv(task: _GeneTask) -> dict:
+    """Worker entry point: parse one CSV into scratch. Errors come back as text (always picklable)."""
+    try:
+        return _parse_gene_csv_or_raise(task)
+    except GenealignError as exc:
+        return {"index": task.index, "error": str(exc)}
+
+
+def _parse_gene_csv_or_raise(task: _GeneTask) -> dict:
+    import pandas as pd
+
+    value_columns = [c for c in task.columns if c != task.iid_column]
+    dtypes = {c: np.float32 for c in value_columns}
+    dtypes[task.iid_column] = str
+    try:
+        frame = pd.read_csv(task.path, dtype=dtypes)
+    except ValueError as exc:
+        if isinstance(exc, pd.errors.ParserError):
+            raise GenealignError(
+                f"{task.path}: malformed CSV ({' '.join(str(exc).split())}); every row needs the header's "
+                f"{len(task.columns)} columns."
+            ) from exc
+        if isinstance(exc, UnicodeDecodeError):
+            raise GenealignError(f"{task.path}: not UTF-8 text ({exc}).") from exc
+        raise GenealignError(_describe_non_numeric(task, exc)) from exc
+    except OSError as exc:
+        raise GenealignError(f"{task.path}: cannot read ({exc}).") from exc
+
+    iid_series = frame.pop(task.iid_column)
+    if iid_series.isna().any():
+        # pandas read "NA", "null", "" ... as missing: re-read the IDs verbatim, only empty ones are wrong.
+        iid_series = pd.read_csv(task.path, usecols=[task.iid_column], dtype=str, keep_default_na=False)[
+            task.iid_column
+        ]
+        empty = np.flatnonzero(iid_series.to_numpy(dtype=str) == "")
+        if empty.size:
+            line = _editor_lines(task.path, empty[:1])[0]
+            raise GenealignError(f"{task.path} line {line}: empty {task.iid_column}; every row needs a subject ID.")
+    iids = iid_series.to_numpy(dtype=str)  # (n,)
+    values = frame.to_numpy(dtype=np.float32)  # (n, D)
+    del frame
+    finite = np.isfinite(values).all(axis=1)  # (n,)
+
+    if task.dtype == "float16":
+        too_big = np.abs(np.where(finite[:, None], values, 0.0)) > FLOAT16_MAX
+        if too_big.any():
+            row, col = np.argwhere(too_big)[0]
+            line = _editor_lines(task.path, [row])[0]
+            raise GenealignError(
+                f"{task.path} line {line}, column '{value_columns[col]}': {values[row, col]:g} exceeds the "
+                "float16 range; use --dtype float32."
+            )
+
+    order = np.argsort(iids, kind="stable")
+    sorted_iids = iids[order]
+    duplicate = np.flatnonzero(sorted_iids[1:] == sorted_iids[:-1])
+    if duplicate.size:
+        iid = sorted_iids[duplicate[0]]
+        first, second = _editor_lines(task.path, np.flatnonzero(iids == iid)[:2])
+        raise GenealignError(
+            f"{task.path}: {task.iid_column} '{iid}' appears twice, on lines {first} and {second}; each "
+            "subject needs exactly one row per gene CSV."
+        )
+    values[order].astype(task.dtype, copy=False).tofile(_gene_values_path(task.scratch, task.index))
+    np.save(_gene_iids_path(task.scratch, task.index), sorted_iids)
+    return {
+        "index": task.index,
+        "n_rows": int(len(iids)),
+        "nonfinite": sorted_iids[~finite[order]].tolist(),
+    }
+
+
+def _editor_lines(path: Path, rows) -> list[int]:
+    """Line numbers (as a text editor shows them) of data rows (0-based, as pandas counts them:
+    blank lines skipped). Only called to explain an error, so a slow scan is fine."""
+    wanted = {int(r): None for r in rows}
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        next(reader, None)
+        row, previous_end = -1, reader.line_num
+        for record in reader:
+            start, previous_end = previous_end + 1, reader.line_num
+            if not record:
+                continue
+            row += 1
+            if row in wanted:
+                wanted[row] = start
+                if all(v is not None for v in wanted.values()):
+                    break
+    return [wanted[int(r)] for r in rows]
+
+
+def _describe_non_numeric(task: _GeneTask, exc: Exception) -> str:
+    iid_at = task.columns.index(task.iid_column)
+    with open(task.path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        next(reader, None)
+        previous_end = reader.line_num
+        for record in reader:
+            start, previous_end = previous_end + 1, reader.line_num
+            for j, cell in enumerate(record):
+                if j == iid_at or cell in _NA_STRINGS:
+                    continue
+                try:
+                    float(cell)
+                    ok = "_" not in cell
+                except ValueError:
+                    ok = False
+                if not ok:
+                    column = task.columns[j] if j < len(task.columns) else f"#{j + 1}"
+                    return (
+                        f"{task.path} line {start}, column '{column}': '{cell}' is not a number; gene "
+                        "embedding values must be numeric (an empty or NaN cell drops the subject instead)."
+                    )
+    return f"{task.path}: a value is not a number ({exc}); gene embedding values must be numeric."
+
+
+# ----------------------------------------------------------------------------------- parse: latents
+@dataclass
+class _Latents:
+    """What the latent pass found: per latent file (sorted by IID) its shape or why it is unusable,
+    and per shape the scratch file holding those latents' values in the store dtype."""
+
+    problem: list[tuple[str, str] | None]  # (reason, detail) or None when usable
+    shape_files: dict[tuple[int, ...], Path]
+    shape_members: dict[tuple[int, ...], list[int]]  # latent indices (increasing) stored per shape
+
+
+def _read_latents(sources: _Sources, options: dict, scratch: Path) -> _Latents:
+    latents = _Latents(problem=[], shape_files={}, shape_members={})
+    handles = {}
+    key = options["latent_key"]
+    try:
+        for index, iid in enumerate(sources.latent_iids.tolist()):
+            path = sources.latent_dir / f"{iid}{LATENT_FILE_SUFFIX}"
+            array, problem = _load_latent(path, key, options["dtype"])
+            latents.problem.append(problem)
+            if problem is not None:
+                continue
+            shape = tuple(int(s) for s in array.shape)
+            if shape not in handles:
+                latents.shape_files[shape] = scratch / f"latent{len(handles):03d}.bin"
+                latents.shape_members[shape] = []
+                handles[shape] = open(latents.shape_files[shape], "wb")
+            handles[shape].write(array.astype(options["dtype"], copy=False).tobytes())
+            latents.shape_members[shape].append(index)
+    finally:
+        for handle in handles.values():
+            handle.close()
+    return latents
+
+
+def _load_latent(path: Path, key: str | None, dtype: str) -> tuple[np.ndarray | None, tuple[str, str] | None]:
+    """(array, None) or (None, (reason, detail)). Configuration mistakes raise instead."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):  # a bare .npy under an .npz name: its one array
+            array = loaded
+        else:
+            with loaded as npz:
+                array = npz[_latent_key(list(npz.files), key, path)]
+    except GenealignError:
+        raise
+    except Exception as exc:  # zipfile, zlib, numpy and OS errors all mean "cannot read this file"
+        return None, ("unreadable latent", f"{type(exc).__name__}: {exc}")
+    if array.dtype.kind not in "fiu":
+        return None, ("unreadable latent", f"dtype {array.dtype} is not real numbers")
+    if not np.isfinite(array).all():
+        return None, ("NaN or inf in latent", "")
+    if dtype == "float16" and array.size and float(np.abs(array).max()) > FLOAT16_MAX:
+        raise GenealignError(f"{path}: values exceed the float16 range; use --dtype float32.")
+    return array, None
+
+
+def _latent_key(keys: list[str], key: str | None, path: Path) -> str:
+    if key is not None:
+        if key not in keys:
+            raise GenealignError(f"{path} has no array '{key}' (arrays: {', '.join(keys) or 'none'}); check --latent_key.")
+        return key
+    if DEFAULT_LATENT_KEY in keys:
+        return DEFAULT_LATENT_KEY
+    if len(keys) == 1:
+        return keys[0]
+    if not keys:
+        raise ValueError("the npz holds no arrays")
+    raise GenealignError(
+        f"{path} holds several arrays ({', '.join(keys)}) and none is named '{DEFAULT_LATENT_KEY}'; pass "
+        "--latent_key with the one to use."
+    )
+
+
+# --------------------------------------------------------------------------------- parse: orchestration
+def _parse_sources(sources: _Sources, options: dict, scratch: Path, pool) -> tuple[list[dict], _Latents]:
+    """Parse every gene CSV (in the pool when there is one) while this process reads the latents."""
+    tasks = [
+        _GeneTask(index, path, columns, options["iid_column"], options["dtype"], scratch)
+        for index, (path, columns) in enumerate(zip(sources.gene_paths, sources.gene_columns))
+    ]
+    if pool is None:
+        results = [_parse_gene_csv(task) for task in tasks]
+        for result in results:
+            if "error" in result:
+                raise GenealignError(result["error"])
+        # Checked after the CSVs so that a CSV mistake is reported before a latent one, as with workers.
+        return results, _read_latents(sources, options, scratch)
+    futures: list[Future] = [pool.submit(_parse_gene_csv, task) for task in tasks]
+    try:
+        latents = _read_latents(sources, options, scratch)
+        results = [future.result() for future in futures]
+    finally:
+        for future in futures:
+            future.cancel()
+    for result in results:
+        if "error" in result:
+            raise GenealignError(result["error"])
+    return results, latents
+
+
+# ------------------------------------------------------------------------------------------------ plan
+@dataclass
+class _Plan:
+    kept_iids: np.ndarray  # (N,) str, sorted
+    latent_shape: tuple[int, ...]
+    latent_file: Path
+    positions_file: Path  # (1 + G, N) int32: row of each kept subject in each scratch file
+    gene_rows: list[int]
+    dropped: list[dict]
+    found: dict[str, int]
+    rows_per_gene: dict[str, int]
+
+    @property
+    def n_kept(self) -> int:
+        return int(len(self.kept_iids))
+
+
+def _sorted_member(haystack: np.ndarray, needles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(found mask, position) of each needle in the sorted unique `haystack`."""
+    if len(haystack) == 0:
+        return np.zeros(len(needles), dtype=bool), np.zeros(len(needles), dtype=np.int64)
+    pos = np.searchsorted(haystack, needles)
+    clipped = np.minimum(pos, len(haystack) - 1)
+    return haystack[clipped] == needles, clipped
+
+
+def _plan(sources: _Sources, gene_results: list[dict], latents: _Latents, scratch: Path) -> _Plan:
+    n_genes = len(sources.gene_names)
+    latent_iids = sources.latent_iids
+    usable = [shape for shape, members in latents.shape_members.items() if members]
+    # The most common shape wins; ties go to the shape met first (smallest IID).
+    latent_shape = max(usable, key=lambda s: (len(latents.shape_members[s]), -latents.shape_members[s][0]), default=None)
+
+    # Every IID seen anywhere, sorted; gene IID lists are loaded one at a time (memory O(subjects)).
+    universe = latent_iids
+    for index in range(n_genes):
+        gene_iids = np.load(_gene_iids_path(scratch, index))
+        new = ~_sorted_member(universe, gene_iids)[0]
+        if new.any():
+            universe = np.union1d(universe, gene_iids[new])
+    n_universe = len(universe)
+
+    n_present = np.zeros(n_universe, dtype=np.int32)
+    first_missing = np.full(n_universe, -1, dtype=np.int32)
+    first_nonfinite = np.full(n_universe, -1, dtype=np.int32)
+    for index in range(n_genes):
+        gene_iids = np.load(_gene_iids_path(scratch, index))
+        present = _sorted_member(gene_iids, universe)[0]
+        n_present += present
+        first_missing[~present & (first_missing < 0)] = index
+        nonfinite = np.asarray(gene_results[index]["nonfinite"], dtype=str)
+        if nonfinite.size:
+            bad = _sorted_member(np.sort(nonfinite), universe)[0]
+            first_nonfinite[bad & (first_nonfinite < 0)] = index
+
+    has_latent, latent_index = _sorted_member(latent_iids, universe)
+    latent_ok = np.zeros(n_universe, dtype=bool)
+    if latent_shape is not None:
+        members = np.asarray(latents.shape_members[latent_shape], dtype=np.int64)
+        latent_ok = has_latent & _sorted_member(members, latent_index)[0]
+    kept = latent_ok & (n_present == n_genes) & (first_nonfinite < 0)
+
+    dropped = []
+    for u in np.flatnonzero(~kept).tolist():
+        iid = str(universe[u])
+        if has_latent[u] and not latent_ok[u]:
+            problem = latents.problem[int(latent_index[u])]
+            if problem is None:
+                shape = next(s for s, m in latents.shape_members.items() if _contains(m, int(latent_index[u])))
+                problem = ("latent of wrong shape", f"{shape} != {latent_shape}")
+            reason, detail = problem
+        elif not has_latent[u]:
+            reason, detail = "no latent", ""
+        elif n_present[u] == 0:
+            reason, detail = "in no gene CSV", ""
+        elif n_present[u] < n_genes:
+            reason = f"missing from gene {sources.gene_names[first_missing[u]]}"
+            detail = f"missing from {n_genes - n_present[u]} of {n_genes} genes"
+        else:
+            reason, detail = f"NaN or inf in gene {sources.gene_names[first_nonfinite[u]]}", ""
+        dropped.append({"iid": iid, "reason": reason, "detail": detail})
+
+    rows_per_gene = {name: int(r["n_rows"]) for name, r in zip(sources.gene_names, gene_results)}
+    gene_side = n_present > 0
+    found = {
+        "latent files": int(len(latent_iids)),
+        "usable latents": int(len(latents.shape_members.get(latent_shape, []))) if latent_shape else 0,
+        "IIDs in any gene CSV": int(gene_side.sum()),
+        "IIDs in every gene CSV": int((n_present == n_genes).sum()),
+    }
+    kept_iids = universe[kept]
+    if len(kept_iids) == 0:
+        raise GenealignError(_no_pairs_message(universe, has_latent, gene_side, n_present == n_genes, dropped, found))
+
+    positions_file = scratch / "positions.bin"
+    with open(positions_file, "wb") as fh:
+        members = np.asarray(latents.shape_members[latent_shape], dtype=np.int64)
+        np.searchsorted(members, latent_index[kept]).astype(np.int32).tofile(fh)
+        for index in range(n_genes):
+            gene_iids = np.load(_gene_iids_path(scratch, index))
+            np.searchsorted(gene_iids, kept_iids).astype(np.int32).tofile(fh)
+    return _Plan(
+        kept_iids=kept_iids,
+        latent_shape=latent_shape,
+        latent_file=latents.shape_files[latent_shape],
+        positions_file=positions_file,
+        gene_rows=[int(r["n_rows"]) for r in gene_results],
+        dropped=dropped,
+        found=found,
+        rows_per_gene=rows_per_gene,
+    )
+
+
+def _contains(sorted_list: list[int], value: int) -> bool:
+    import bisect
+
+    i = bisect.bisect_left(sorted_list, value)
+    return i < len(sorted_list) and sorted_list[i] == value
+
+
+def _no_pairs_message(universe, has_latent, gene_side, in_every, dropped, found) -> str:
+    latent_only = universe[has_latent & ~gene_side][:3].tolist()
+    gene_only = universe[gene_side & ~has_latent][:3].tolist()
+    latent_examples = latent_only or universe[has_latent][:3].tolist()
+    gene_examples = gene_only or universe[gene_side][:3].tolist()
+    reasons = Counter(entry["reason"] for entry in dropped).most_common(3)
+    return (
+        f"No paired subjects: none has both a usable latent and a finite row in every selected gene CSV. "
+        f"{found['latent files']} latent files (e.g. {', '.join(latent_examples) or '-'}), "
+        f"{found['IIDs in any gene CSV']} IIDs in the gene CSVs (e.g. {', '.join(gene_examples) or '-'}), "
+        f"{int((has_latent & gene_side).sum())} on both sides, {int(in_every.sum())} in every gene CSV; "
+        f"top reasons: {', '.join(f'{r} ({n})' for r, n in reasons)}. IIDs are compared as text (leading "
+        "zeros count): check --iid_column and the latent file names."
+    )
+
+
+# ------------------------------------------------------------------------------------------------ copy
+@dataclass(frozen=True)
+class _CopyTask:
+    store: Path
+    scratch: Path
+    latent_file: Path
+    positions_file: Path
+    n_kept: int
+    n_genes: int
+    width: int
+    latent_shape: tuple[int, ...]
+    dtype: str
+    chunk_rows: int
+    first_chunk: int
+    stop_chunk: int
+
+
+def _copy_all(plan: _Plan, store: Path, scratch: Path, dtype: str, chunk_rows: int, pool) -> None:
+    n_chunks = -(-plan.n_kept // chunk_rows)
+    n_tasks = 1 if pool is None else min(n_chunks, pool._max_workers * 4)
+    bounds = np.linspace(0, n_chunks, n_tasks + 1).round().astype(int)
+    width = _gene_width(plan, scratch, dtype)
+    tasks = [
+        _CopyTask(store, scratch, plan.latent_file, plan.positions_file, plan.n_kept, len(plan.gene_rows), width,
+                  plan.latent_shape, dtype, chunk_rows, int(lo), int(hi))
+        for lo, hi in zip(bounds[:-1], bounds[1:])
+        if hi > lo
+    ]
+    if pool is None:
+        for task in tasks:
+            _copy_chunks(task)
+    else:
+        for future in [pool.submit(_copy_chunks, task) for task in tasks]:
+            future.result()
+
+
+def _gene_width(plan: _Plan, scratch: Path, dtype: str) -> int:
+    itemsize = np.dtype(dtype).itemsize
+    for index, rows in enumerate(plan.gene_rows):
+        if rows:
+            return _gene_values_path(scratch, index).stat().st_size // (rows * itemsize)
+    raise AssertionError("a kept subject implies every gene has rows")
+
+
+def _copy_chunks(task: _CopyTask) -> None:
+    """Worker entry point: fill chunks [first_chunk, stop_chunk) of the store from the scratch files."""
+    import zarr
+
+    group = zarr.open_group(str(task.store), mode="r+")
+    neuro_array, genes_array = group["neuro"], group["genes"]
+    itemsize = np.dtype(task.dtype).itemsize
+    latent_size = int(np.prod(task.latent_shape))
+    gene_fds = [os.open(_gene_values_path(task.scratch, g), os.O_RDONLY) for g in range(task.n_genes)]
+    latent_fd = os.open(task.latent_file, os.O_RDONLY)
+    positions_fd = os.open(task.positions_file, os.O_RDONLY)
+    try:
+        for chunk in range(task.first_chunk, task.stop_chunk):
+            lo = chunk * task.chunk_rows
+            hi = min(task.n_kept, lo + task.chunk_rows)
+            m = hi - lo
+            positions = np.frombuffer(_pread(positions_fd, m * 4, lo * 4), dtype=np.int32)  # row 0: latents
+            neuro = _gather_rows(latent_fd, positions, latent_size, task.dtype, itemsize)  # (m, V)
+            genes = np.empty((m, task.n_genes, task.width), dtype=task.dtype)  # (m, G, D)
+            for g, fd in enumerate(gene_fds):
+                offset = ((1 + g) * task.n_kept + lo) * 4
+                positions = np.frombuffer(_pread(positions_fd, m * 4, offset), dtype=np.int32)
+                genes[:, g, :] = _gather_rows(fd, positions, task.width, task.dtype, itemsize)
+            neuro_array[lo:hi] = neuro.reshape(m, *task.latent_shape)
+            genes_array[lo:hi] = genes
+    finally:
+        for fd in [*gene_fds, latent_fd, positions_fd]:
+            os.close(fd)
+
+
+def _pread(fd: int, size: int, offset: int) -> bytes:
+    data = os.pread(fd, size, offset)
+    while len(data) < size:  # short reads only happen on exotic filesystems; keep reading
+        more = os.pread(fd, size - len(data), offset + len(data))
+        if not more:
+            raise GenealignError("A scratch file ended early while ingesting (disk full?); re-run the ingest.")
+        data += more
+    return data
+
+
+def _gather_rows(fd: int, positions: np.ndarray, width: int, dtype: str, itemsize: int) -> np.ndarray:
+    """Rows `positions` (increasing) of a raw (rows, width) scratch file -> (len(positions), width)."""
+    row_bytes = width * itemsize
+    first, last = int(positions[0]), int(positions[-1])
+    span = last - first + 1
+    if span <= 4 * len(positions):  # one read, the usual case: the chunk's rows are (almost) contiguous
+        block = np.frombuffer(_pread(fd, span * row_bytes, first * row_bytes), dtype=dtype).reshape(span, width)
+        return block if span == len(positions) else block[positions - first]
+    rows = np.empty((len(positions), width), dtype=dtype)
+    for i, p in enumerate(positions.tolist()):
+        rows[i] = np.frombuffer(_pread(fd, row_bytes, p * row_bytes), dtype=dtype)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _size_on_disk(root: Path) -> int:
+    return sum(
+        os.lstat(os.path.join(dirpath, name)).st_size for dirpath, _, names in os.walk(root) for name in names
+    )
+
+
+def _human_bytes(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{size} B"
+        size /= 1024
+    return f"{size} B"
+
+
+__all__ = [
+    "IngestConfig",
+    "IngestResult",
+    "ingest",
+    "get_all_gene_names",
+    "parse_gene_list",
+    "store_summary",
+]

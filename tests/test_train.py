@@ -1,0 +1,173 @@
+"""Training: the LR schedule, checkpoints, resume, early stopping, learning, and DDP under torchrun."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from alignment.model import ModelConfig, MultiGeneAlignmentModel
+from alignment.train import TrainConfig, lr_at, train
+from pipeline import GenealignError, write_store
+
+GENES = [f"G{i}" for i in range(6)]
+
+
+def make_store(path: Path, n: int = 240, signal: float = 3.0, seed: int = 0) -> Path:
+    """A tiny cohort whose latent is a linear function of genes G0 and G1 plus noise."""
+    rng = np.random.default_rng(seed)
+    genes = rng.normal(size=(n, len(GENES), 8)).astype(np.float32)  # (N, G, D)
+    factor = genes[:, 0, :4] + genes[:, 1, :4]  # (N, 4)
+    maps = rng.normal(size=(4, 2 * 3 * 4))
+    neuro = signal * factor @ maps + rng.normal(size=(n, 24))  # (N, V)
+    iids = [str(1_000_000 + i) for i in range(n)]
+    write_store(path, iids, neuro.reshape(n, 2, 3, 4).astype(np.float32), genes, GENES,
+                split_fractions=(0.6, 0.2, 0.2), chunk_rows=32)
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return make_store(tmp_path_factory.mktemp("cohort") / "s.zarr")
+
+
+def tiny_model(mode: str = "sequence", **kw) -> ModelConfig:
+    base = dict(mode=mode, projection_dim=16, transformer_hidden_dim=16, transformer_num_layers=1,
+                transformer_num_heads=2, dropout=0.0, neuro_pca_dim=8, gene_pca_dim=4)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def tiny_train(store, out, **kw) -> TrainConfig:
+    base = dict(store=str(store), output_dir=str(out), batch_size=32, num_epochs=2, learning_rate=3e-3,
+                save_every=1, data_placement="memory", device="cpu", seed=7)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    kw = dict(base_lr=1e-3, warmup_steps=10, total_steps=110, min_lr=1e-7)
+    lrs = [lr_at(s, **kw) for s in range(110)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:10]))  # rising during warmup
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # falling after
+    assert lr_at(110, **kw) == pytest.approx(1e-7)
+    assert lr_at(60, **kw) == pytest.approx(1e-7 + 0.5 * (1e-3 - 1e-7))  # half-way down the cosine
+
+
+@pytest.mark.parametrize("mode", ["single", "sequence"])
+def test_train_writes_complete_rebuildable_checkpoints(store, tmp_path, mode):
+    out = tmp_path / "run"
+    gene = "G0" if mode == "single" else None
+    result = train(tiny_train(store, out, mode=mode, single_gene_name=gene), tiny_model(mode))
+    for name in ("config.json", "metrics.jsonl", "best_model.pt", "last.pt", "checkpoint_epoch_1.pt", "curves.png"):
+        assert (out / name).exists(), name
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    assert all(r["val_pool_size"] == result.n_val and r["val_chance_top1"] == pytest.approx(1 / result.n_val) for r in lines)
+
+    ckpt = torch.load(out / "best_model.pt", weights_only=True)
+    for key in ("model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "epoch", "val_metrics", "config"):
+        assert key in ckpt
+    assert ckpt["config"]["store"]["gene_names"] == ([gene] if gene else GENES)
+
+    model = MultiGeneAlignmentModel.from_checkpoint(out / "best_model.pt").eval()
+    from pipeline import open_store
+
+    view = open_store(store)
+    neuro, genes = view.read_rows(view.indices("val")[:5])
+    g = torch.from_numpy(genes[:, 0] if gene else genes)
+    with torch.no_grad():
+        feats = model.encode_gene(g)
+        assert feats.shape == (5, 16)
+        assert torch.allclose(feats.norm(dim=-1), torch.ones(5), atol=1e-5)
+        assert model.encode_neuro(torch.from_numpy(neuro)).shape == (5, 16)
+
+
+def test_training_learns_a_real_signal(store, tmp_path):
+    result = train(tiny_train(store, tmp_path / "run", num_epochs=15, mode="sequence"), tiny_model("sequence"))
+    chance = result.best_val["val_chance_top1"]
+    assert result.best_val["val_top1_mean"] > 10 * chance
+
+
+def test_resume_ends_with_the_same_weights(store, tmp_path):
+    full = tmp_path / "full"
+    train(tiny_train(store, full, num_epochs=4), tiny_model(dropout=0.2))
+    part = tmp_path / "part"
+    train(tiny_train(store, part, num_epochs=2), tiny_model(dropout=0.2))
+    # A killed run leaves last.pt of its last finished epoch; --resume continues it to the end.
+    cfg = tiny_train(store, part, num_epochs=4, resume=True)
+    train(cfg, tiny_model(dropout=0.2))
+    a = torch.load(full / "last.pt", weights_only=True)["model_state_dict"]
+    b = torch.load(part / "last.pt", weights_only=True)["model_state_dict"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_schedule_matches_uninterrupted(store, tmp_path):
+    """The LR schedule covers all epochs of the resumed run, not just the remaining ones."""
+    run = tmp_path / "r"
+    train(tiny_train(store, run, num_epochs=3), tiny_model())
+    history = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert history[-1]["lr"] < history[0]["lr"]
+
+
+def test_patience_stops_early(store, tmp_path):
+    result = train(tiny_train(store, tmp_path / "p", num_epochs=20, learning_rate=1e-12, patience=2), tiny_model())
+    assert result.stopped_early and result.epochs_run == result.best_epoch + 2 < 20
+
+
+def test_same_seed_same_weights(store, tmp_path):
+    states = []
+    for name in ("a", "b"):
+        train(tiny_train(store, tmp_path / name, num_epochs=1), tiny_model(dropout=0.1))
+        states.append(torch.load(tmp_path / name / "last.pt", weights_only=True)["model_state_dict"])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_unknown_gene_names_the_available_ones(store, tmp_path):
+    with pytest.raises(GenealignError, match=r"Gene 'APOE' not found.*Available genes: G0, G1"):
+        train(tiny_train(store, tmp_path / "x", mode="single", single_gene_name="APOE"), tiny_model("single"))
+
+
+def test_resume_without_a_run_is_a_clear_error(store, tmp_path):
+    with pytest.raises(GenealignError, match="last.pt does not exist"):
+        train(tiny_train(store, tmp_path / "none", resume=True), tiny_model())
+
+
+def test_batch_larger_than_train_split_is_a_clear_error(store, tmp_path):
+    with pytest.raises(GenealignError, match="fewer than one batch"):
+        train(tiny_train(store, tmp_path / "x", batch_size=4096), tiny_model())
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_ddp_two_processes_match_one_process(store, tmp_path, accum):
+    """torchrun with 2 gloo processes of batch B == 1 process of batch 2B (same global batches)."""
+    common = ["--store", str(store), "--mode", "sequence", "--num_epochs", "2", "--learning_rate", "3e-3",
+              "--projection_dim", "16", "--transformer_hidden_dim", "16", "--transformer_num_layers", "1",
+              "--transformer_num_heads", "2", "--dropout", "0", "--neuro_pca_dim", "8", "--gene_pca_dim", "4",
+              "--data_placement", "memory", "--device", "cpu", "--seed", "7",
+              "--gradient_accumulation_steps", str(accum)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    run1 = subprocess.run([sys.executable, "-m", "alignment.train", *common, "--batch_size", "32",
+                           "--output_dir", str(one)], env=env, capture_output=True, text=True, timeout=300)
+    assert run1.returncode == 0, run1.stderr[-2000:]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    run2 = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000 + accum),
+                           "-m", "alignment.train", *common, "--batch_size", "16", "--output_dir", str(two)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert run2.returncode == 0, run2.stderr[-3000:]
+    a = torch.load(one / "last.pt", weights_only=True)
+    b = torch.load(two / "last.pt", weights_only=True)
+    for k in a["model_state_dict"]:
+        assert torch.allclose(a["model_state_dict"][k], b["model_state_dict"][k], atol=1e-5, rtol=1e-4), k
+    assert math.isclose(a["val_metrics"]["train_loss"], b["val_metrics"]["train_loss"], rel_tol=1e-4)
