@@ -221,18 +221,21 @@ class GeneSequenceEncoder(nn.Module):
 
 
 def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-column mean and std (ddof 0) of x (n, d), two passes in float64 over row chunks. A std
-    below 1e-6 x the mean std (a constant column) is floored there, as pipeline.loader does."""
+    """Per-column mean and std (ddof 0) of x (n, d): two passes over row chunks, each chunk reduced in
+    the input's precision and the chunk sums accumulated in float64. A std below 1e-6 x the mean std
+    (a constant column) is floored there, as pipeline.loader does."""
     n, d = x.shape
-    step = max(1, (1 << 24) // max(d, 1))
+    step = max(1, (1 << 22) // max(d, 1))
     total = torch.zeros(d, dtype=torch.float64, device=x.device)
     for start in range(0, n, step):
-        total += x[start : start + step].double().sum(0)
+        total += x[start : start + step].sum(0)
     mean = total / n
+    center = mean.to(x.dtype)
     sq = torch.zeros(d, dtype=torch.float64, device=x.device)
     for start in range(0, n, step):
-        sq += (x[start : start + step].double() - mean).square().sum(0)
-    std = (sq / n).sqrt()
+        sq += (x[start : start + step] - center).square().sum(0)
+    # Correct for the rounding of the mean to the input's precision: E[(x-c)^2] - (mean-c)^2.
+    std = (sq / n - (mean - center.double()).square()).clamp(min=0).sqrt()
     scale = float(std.mean())
     return mean, std.clamp(min=1e-6 * scale if scale > 0 else 1.0)
 
@@ -261,29 +264,27 @@ def _pca_whitening(z: torch.Tensor, k: int, generator: torch.Generator) -> torch
     """(d, k) float64 PCA-whitening matrix of z-scored rows z (n, d).
 
     d <= EXACT_PCA_MAX_DIM: exact eigendecomposition of the covariance, accumulated in float64.
-    Larger d (the 12,150-dim latent): randomized range finder with power iterations (Halko et al.
-    2011; n*d*(k+p) work instead of n*d^2 or n^2*d), then an exact Rayleigh-Ritz step on the found
-    k-dim subspace, so the whitened fitting rows have identity covariance to float precision."""
+    Larger d (the 12,150-dim latent): randomized subspace iteration (Halko, Martinsson & Tropp 2011;
+    ~7 n*d*(k+p) flops instead of n*d^2 or n^2*d), then an exact Rayleigh-Ritz step on the found
+    subspace, so the whitened fitting rows have identity covariance to float precision."""
     n, d = z.shape
     if d <= EXACT_PCA_MAX_DIM:
         cov = torch.zeros(d, d, dtype=torch.float64, device=z.device)
         step = max(1, (1 << 22) // d)
         for start in range(0, n, step):
-            block = z[start : start + step]
+            block = z[start : start + step]  # (c, d)
             cov += (block.T @ block).double()
         evals, components = _top_eigh(cov / n, k)
         return _whitening_matrix(evals, components)
-    width = min(k + max(16, k // 8), n, d)
-    omega = torch.randn(d, width, generator=generator, device=z.device, dtype=z.dtype)
-    basis = torch.linalg.qr(z @ omega).Q  # (n, l)
+    width = min(k + max(16, k // 4), n, d)
+    omega = torch.randn(d, width, generator=generator, device=z.device, dtype=z.dtype)  # (d, l)
+    basis = torch.linalg.qr(z @ omega).Q  # (n, l) spans the top of z's column space
     for _ in range(2):  # power iterations sharpen the spectrum's top
         basis = torch.linalg.qr(z.T @ basis).Q  # (d, l)
         basis = torch.linalg.qr(z @ basis).Q  # (n, l)
-    small = (basis.T @ z).double()  # (l, d)
-    _, _, vh = torch.linalg.svd(small, full_matrices=False)
-    subspace = vh[:k].T.to(z.dtype)  # (d, k) orthonormal
-    scores = (z @ subspace).double()  # (n, k)
-    evals, rotation = _top_eigh(scores.T @ scores / n, k)
+    subspace = torch.linalg.qr(z.T @ basis).Q  # (d, l) orthonormal, approx. top right singular vectors
+    scores = (z @ subspace).double()  # (n, l)
+    evals, rotation = _top_eigh(scores.T @ scores / n, k)  # exact PCA within the subspace
     return _whitening_matrix(evals, subspace.double() @ rotation)
 
 
@@ -550,16 +551,14 @@ class MultiGeneAlignmentModel(nn.Module):
                 f"than {k_max}: ingest more subjects or lower --neuro_pca_dim / --gene_pca_dim."
             )
         work = torch.float64 if neuro.dtype == torch.float64 else torch.float32
+        neuro, genes = neuro.to(work), genes.to(work)  # no copy unless float16 / bfloat16 rows
         generator = torch.Generator(device=neuro.device).manual_seed(FRONTEND_SEED)
 
         mean, std = _moments(neuro)  # (V,) float64
         self.neuro_mean.copy_(mean)
         self.neuro_std.copy_(std)
         if cfg.neuro_pca_dim:
-            z = torch.empty(n, cfg.neuro_input_dim, dtype=work, device=neuro.device)  # (n, V) z-scored
-            step = max(1, (1 << 24) // cfg.neuro_input_dim)
-            for start in range(0, n, step):
-                z[start : start + step] = ((neuro[start : start + step].double() - mean) / std).to(work)
+            z = neuro.to(work, copy=True).sub_(mean.to(work)).div_(std.to(work))  # (n, V) z-scored
             self.neuro_pca.copy_(_pca_whitening(z, cfg.neuro_pca_dim, generator))
             del z
 
@@ -573,18 +572,18 @@ class MultiGeneAlignmentModel(nn.Module):
         self._frontend_ready = True
 
     def _fit_gene_pca(self, genes, mean, std, work) -> torch.Tensor:
-        """Per-gene whitening (G, D, k) [sequence] or (D, k) [single]: exact (D <= 2048), the (G, D, D)
-        covariances accumulated chunk by chunk in float64 so no z-scored copy of all genes is held."""
-        n = genes.shape[0]
-        d = self._config.gene_input_dim
-        g = genes.reshape(n, -1, d).shape[1]
-        mean, std = mean.reshape(g, d), std.reshape(g, d)
+        """Per-gene whitening (G, D, k) [sequence] or (D, k) [single]: exact eigendecomposition of each
+        gene's (D, D) covariance, accumulated over row chunks in float64."""
+        n, d = genes.shape[0], self._config.gene_input_dim
+        genes = genes.reshape(n, -1, d)  # (n, G, D)
+        g = genes.shape[1]
+        mean, std = mean.reshape(g, d).to(work), std.reshape(g, d).to(work)
         cov = torch.zeros(g, d, d, dtype=torch.float64, device=genes.device)
-        step = max(1, (1 << 24) // (g * d))
-        for start in range(0, n, step):
-            z = ((genes[start : start + step].reshape(-1, g, d).double() - mean) / std).to(work)  # (c, G, D)
-            z = z.transpose(0, 1)  # (G, c, D)
-            cov += torch.bmm(z.transpose(1, 2), z).double()
+        step = 8192
+        for j in range(g):
+            for start in range(0, n, step):
+                z = (genes[start : start + step, j] - mean[j]) / std[j]  # (c, D)
+                cov[j] += (z.T @ z).double()
         evals, components = _top_eigh(cov / n, self._config.gene_pca_dim)
         whitening = _whitening_matrix(evals, components)  # (G, D, k)
         return whitening if self.use_transformer else whitening[0]

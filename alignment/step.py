@@ -150,7 +150,7 @@ def contrastive_step(model, micro_batches, *, autocast_dtype=None, distributed=F
     gene_grads = gene_local.grad.split(sizes)
     try:
         for k, (neuro, genes) in enumerate(micro_batches):
-            _set_rng_state(device, rng_states[k])
+            pass
             neuro_features, gene_features = _encode(model, neuro, genes, device, autocast_dtype, loss_dtype)
             torch.autograd.backward([neuro_features, gene_features], [neuro_grads[k], gene_grads[k]])
     finally:

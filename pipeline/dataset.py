@@ -2,8 +2,9 @@
 
 Code written against the seed keeps working (`dataset[0]['neuro_embedding']`, `dataset.gene_names`,
 `MultiGeneNeuroDataset.get_all_gene_names(dir)`), but the source CSVs and npz files are read once:
-the first construction ingests them into a cached Zarr store and later ones reuse it (`ingest` is a
-quick no-op when the sources are unchanged and re-ingests when they changed).
+the first construction ingests them into a cached Zarr store and later ones reuse it. `ingest` is a
+quick no-op when the sources are unchanged (same file sizes and mtimes); when they changed it refuses
+to replace the store, and the dataset runs it again with overwrite, since the cached store is ours.
 
 This API is for inference and compatibility: `__getitem__` reads one subject from the store. Training
 does not go through it; it uses `pipeline.loader.BatchLoader`, which gathers whole batches at once.

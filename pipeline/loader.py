@@ -325,6 +325,8 @@ class BatchLoader:
         """(this rank's batches as arrays of positions into `rows`, the stream window of each position
         or None) of one epoch."""
         cfg = self.config
+        if cfg.seed < 0 or epoch < 0:
+            raise GenealignError(f"seed and epoch must be >= 0 (got seed {cfg.seed}, epoch {epoch}).")
         rng = np.random.default_rng((int(cfg.seed), int(epoch)))
         if self.placement == "stream":
             order, window_of_row = block_shuffle(self._chunk_of_row, cfg.shuffle_buffer_chunks, rng)

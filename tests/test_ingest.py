@@ -483,3 +483,32 @@ def test_store_summary_and_attrs(tmp_path):
     assert attrs["split_fractions"] == [0.8, 0.1, 0.1] and attrs["ingest"]["options"]["dtype"] == "float32"
     assert json.loads((tmp_path / "s.zarr" / "fingerprints.json").read_text())["latent_files"]["7777777_latent.npz"]
     assert view.cohort_truth_path() is None
+
+
+# ------------------------------------------------------------------------------------ CSV quirks
+def test_csv_quirks_bom_crlf_quotes_and_na_like_iids(tmp_path):
+    gdir, ldir = tmp_path / "genes", tmp_path / "latents"
+    gdir.mkdir()
+    text = '\ufeffIID,e0,e1\r\n"0012",1.5,2\r\nNA,3,4.25\r\nnull,-1e-3,7\r\n'
+    (gdir / "APOE_brain_gene_embeddingUKB.csv").write_text(text, encoding="utf-8", newline="")
+    for iid in ("0012", "NA", "null"):
+        write_latent(ldir, iid)
+    result = ingest(config(gdir, ldir, tmp_path / "s.zarr"))
+    view = open_store(tmp_path / "s.zarr")
+    assert result.n_kept == 3 and view.iid.tolist() == ["0012", "NA", "null"]
+    np.testing.assert_array_equal(np.asarray(view.genes[:])[:, 0, :], np.float32([[1.5, 2], [3, 4.25], [-1e-3, 7]]))
+
+
+def test_empty_iid_is_an_error_with_its_line(tmp_path):
+    gdir, ldir = write_cohort(tmp_path, iids_of(3))
+    (gdir / "APOE_brain_gene_embeddingUKB.csv").write_text("IID,e0,e1,e2,e3\n1000001,1,2,3,4\n,1,2,3,4\n")
+    with pytest.raises(GenealignError, match="APOE_brain_gene_embeddingUKB.csv line 3: empty IID"):
+        ingest(config(gdir, ldir, tmp_path / "s.zarr"))
+
+
+def test_float16_overflow_is_an_error(tmp_path):
+    iids = iids_of(3)
+    gdir, ldir = write_cohort(tmp_path, iids, genes=("APOE",))
+    write_gene_csv(gdir, "APOE", iids, np.full((3, DIM), 1e6, np.float32), shuffle=False)
+    with pytest.raises(GenealignError, match="line 2, column 'e0'.*float16 range.*--dtype float32"):
+        ingest(config(gdir, ldir, tmp_path / "s.zarr", dtype="float16"))

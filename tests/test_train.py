@@ -22,14 +22,16 @@ GENES = [f"G{i}" for i in range(6)]
 
 
 def make_store(path: Path, n: int = 240, signal: float = 3.0, seed: int = 0) -> Path:
-    """A tiny cohort whose latent is a linear function of genes G0 and G1 plus noise."""
+    """A tiny cohort: a 4-dim factor per subject is written (low-rank, as in real embeddings) into genes
+    G0 and G1, and drives the latent linearly; the other genes and the rest of the latent are noise."""
     rng = np.random.default_rng(seed)
-    genes = rng.normal(size=(n, len(GENES), 8)).astype(np.float32)  # (N, G, D)
-    factor = genes[:, 0, :4] + genes[:, 1, :4]  # (N, 4)
-    maps = rng.normal(size=(4, 2 * 3 * 4))
-    neuro = signal * factor @ maps + rng.normal(size=(n, 24))  # (N, V)
+    factor = rng.normal(size=(n, 4))  # (N, 4)
+    genes = rng.normal(size=(n, len(GENES), 8))  # (N, G, D)
+    for g in (0, 1):
+        genes[:, g] += 2.0 * factor @ rng.normal(size=(4, 8))
+    neuro = signal * factor @ rng.normal(size=(4, 24)) + rng.normal(size=(n, 24))  # (N, V)
     iids = [str(1_000_000 + i) for i in range(n)]
-    write_store(path, iids, neuro.reshape(n, 2, 3, 4).astype(np.float32), genes, GENES,
+    write_store(path, iids, neuro.reshape(n, 2, 3, 4).astype(np.float32), genes.astype(np.float32), GENES,
                 split_fractions=(0.6, 0.2, 0.2), chunk_rows=32)
     return path
 
@@ -93,23 +95,36 @@ def test_train_writes_complete_rebuildable_checkpoints(store, tmp_path, mode):
 
 
 def test_training_learns_a_real_signal(store, tmp_path):
-    result = train(tiny_train(store, tmp_path / "run", num_epochs=15, mode="sequence"), tiny_model("sequence"))
+    result = train(tiny_train(store, tmp_path / "run", num_epochs=15, learning_rate=1e-2), tiny_model("sequence"))
     chance = result.best_val["val_chance_top1"]
     assert result.best_val["val_top1_mean"] > 10 * chance
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_after_epoch(n: int):
+    def progress(event: dict) -> None:
+        if event["event"] == "epoch" and event["epoch"] == n:
+            raise Killed()
+
+    return progress
 
 
 def test_resume_ends_with_the_same_weights(store, tmp_path):
     full = tmp_path / "full"
     train(tiny_train(store, full, num_epochs=4), tiny_model(dropout=0.2))
     part = tmp_path / "part"
-    train(tiny_train(store, part, num_epochs=2), tiny_model(dropout=0.2))
-    # A killed run leaves last.pt of its last finished epoch; --resume continues it to the end.
-    cfg = tiny_train(store, part, num_epochs=4, resume=True)
-    train(cfg, tiny_model(dropout=0.2))
-    a = torch.load(full / "last.pt", weights_only=True)["model_state_dict"]
-    b = torch.load(part / "last.pt", weights_only=True)["model_state_dict"]
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(Killed):  # the run dies after epoch 2 (its last.pt is complete)
+        train(tiny_train(store, part, num_epochs=4), tiny_model(dropout=0.2), progress=kill_after_epoch(2))
+    assert json.loads((part / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 2
+    train(tiny_train(store, part, num_epochs=4, resume=True), tiny_model(dropout=0.2))
+    a = torch.load(full / "last.pt", weights_only=True)
+    b = torch.load(part / "last.pt", weights_only=True)
+    assert a["model_state_dict"].keys() == b["model_state_dict"].keys()
+    assert all(torch.equal(a["model_state_dict"][k], b["model_state_dict"][k]) for k in a["model_state_dict"])
+    assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
 
 
 def test_resume_schedule_matches_uninterrupted(store, tmp_path):
@@ -168,6 +183,12 @@ def test_ddp_two_processes_match_one_process(store, tmp_path, accum):
     assert run2.returncode == 0, run2.stderr[-3000:]
     a = torch.load(one / "last.pt", weights_only=True)
     b = torch.load(two / "last.pt", weights_only=True)
-    for k in a["model_state_dict"]:
-        assert torch.allclose(a["model_state_dict"][k], b["model_state_dict"][k], atol=1e-5, rtol=1e-4), k
+    for k, one_value in a["model_state_dict"].items():
+        two_value = b["model_state_dict"][k]
+        if k.endswith("self_attn.in_proj_bias"):
+            # The key bias has an exactly-zero gradient (softmax is shift-invariant), so its float
+            # noise is all Adam sees and normalises to full-size steps; it cannot change any output.
+            h = one_value.shape[0] // 3
+            one_value, two_value = torch.cat([one_value[:h], one_value[2 * h :]]), torch.cat([two_value[:h], two_value[2 * h :]])
+        assert torch.allclose(one_value, two_value, atol=1e-5, rtol=1e-4), k
     assert math.isclose(a["val_metrics"]["train_loss"], b["val_metrics"]["train_loss"], rel_tol=1e-4)
