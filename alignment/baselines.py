@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from pipeline.errors import GenealignError
 from pipeline.store import StoreView
@@ -45,7 +46,7 @@ EXACT_PCA_MAX_DIM = 2048
 class BaselineConfig:
     pca_dim: int = 64  # components per modality after the PCA front-end
     per_gene_dim: int = 32  # sequence mode: whitened components kept per gene before the joint PCA
-    n_components: int = 16  # canonical components of CCA / PLS
+    n_components: int = 8  # canonical components of CCA / PLS (beyond the few that carry signal, cosine only adds noise)
     fit_max_rows: int = 10_000  # train rows used for fitting (deterministic subsample)
     max_iter: int = 1000  # scikit-learn's NIPALS iterations per component
     seed: int = 0
@@ -105,8 +106,10 @@ def _top_components(z: torch.Tensor, k: int, generator: torch.Generator) -> torc
         for _ in range(4):
             basis = torch.linalg.qr(z.T @ basis).Q  # (d, l)
             basis = torch.linalg.qr(z @ basis).Q  # (n, l)
-        _, _, vh = torch.linalg.svd((basis.T @ z).double(), full_matrices=False)  # (l, d)
-        components = vh[:k].T
+        small = (basis.T @ z).double()  # (l, d): z projected on its leading range
+        evals, evecs = torch.linalg.eigh(small @ small.T)  # (l, l): cheaper than an SVD of (l, d)
+        order = torch.argsort(evals, descending=True)[:k]
+        components = (small.T @ evecs[:, order]) / evals[order].clamp(min=1e-30).sqrt()  # (d, k)
     # Deterministic signs: the largest-magnitude entry of each direction is positive.
     signs = torch.sign(components.gather(0, components.abs().argmax(dim=0, keepdim=True)))
     signs[signs == 0] = 1
@@ -203,8 +206,11 @@ def fit_frontend(
     del z
 
     # Per-gene PCA; whitened when several genes are concatenated.
-    evals, evecs = torch.linalg.eigh(corr)  # ascending
-    evals, evecs = evals.flip(-1)[:, :k1], evecs.flip(-1)[:, :, :k1]  # (G', k1), (G', D, k1)
+    # G' small eighs: one LAPACK thread each is several times faster than a threaded batch on CPU.
+    with threadpool_limits(limits=1, user_api="blas"):
+        evals, evecs = np.linalg.eigh(corr.cpu().numpy())  # ascending
+    evals = torch.from_numpy(evals[:, ::-1][:, :k1].copy())  # (G', k1)
+    evecs = torch.from_numpy(evecs[:, :, ::-1][:, :, :k1].copy())  # (G', D, k1)
     signs = torch.sign(evecs.gather(1, evecs.abs().argmax(dim=1, keepdim=True)))
     signs[signs == 0] = 1
     evecs = evecs * signs
@@ -256,7 +262,8 @@ class FittedBaseline:
 
     def embed(self, neuro_scores: np.ndarray, gene_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """PCA scores -> unit-norm canonical features (n, c), (n, c) float32; score = cosine."""
-        x, y = self.estimator.transform(neuro_scores, gene_scores)
+        with threadpool_limits(limits=1, user_api="blas"):
+            x, y = self.estimator.transform(neuro_scores, gene_scores)
         return _l2(np.asarray(x)), _l2(np.asarray(y))
 
 
@@ -288,7 +295,10 @@ def _estimator(name: str, n_components: int, max_iter: int):
 
     if name == "cca":
         return CCA(n_components=n_components, scale=True, max_iter=max_iter)
-    return PLSCanonical(n_components=n_components, scale=True, max_iter=max_iter)
+    # scale=False: the PCA scores are uncorrelated, so standardising them would whiten both views and
+    # turn PLS into CCA. Unscaled, PLS on PCA scores is PLS on the z-scored features (PCA is a
+    # rotation), i.e. covariance-, not correlation-maximising, as PLS is meant to be.
+    return PLSCanonical(n_components=n_components, scale=False, max_iter=max_iter)
 
 
 def fit_baseline(name: str, neuro_scores: np.ndarray, gene_scores: np.ndarray, config: BaselineConfig) -> FittedBaseline:
@@ -300,12 +310,14 @@ def fit_baseline(name: str, neuro_scores: np.ndarray, gene_scores: np.ndarray, c
     c = max(1, min(config.n_components, neuro_scores.shape[1], gene_scores.shape[1], len(neuro_scores) - 1))
     estimator = _estimator(name, c, config.max_iter)
     notes = []
-    with warnings.catch_warnings(record=True) as caught:
+    # The matrices are small (n x 64): one BLAS thread is faster than several, and far faster when
+    # the threads compete with torch's for the same cores.
+    with warnings.catch_warnings(record=True) as caught, threadpool_limits(limits=1, user_api="blas"):
         warnings.simplefilter("always", ConvergenceWarning)
         estimator.fit(neuro_scores, gene_scores)
+        x, y = estimator.transform(neuro_scores, gene_scores)
     if any(issubclass(w.category, ConvergenceWarning) for w in caught):
         notes.append(f"{LABELS[name]}: scikit-learn reported that some components did not converge in {config.max_iter} iterations.")
-    x, y = estimator.transform(neuro_scores, gene_scores)
     correlations = [float(np.corrcoef(x[:, k], y[:, k])[0, 1]) for k in range(c)]
     return FittedBaseline(name, estimator, c, correlations, notes)
 

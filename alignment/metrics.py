@@ -44,6 +44,7 @@ DIRECTIONS = ("neuro_to_gene", "gene_to_neuro")
 RANK_METRICS = ("top1", "top5", "top10", "mean_rank", "median_rank", "mrr")
 CI_LEVEL = 0.95
 TOPK_MAX = 50
+HIST_BINS = 20
 # Elements of one (chunk x N) score block: 2**26 float32 = 256 MiB.
 BLOCK_ELEMENTS = 1 << 26
 
@@ -260,16 +261,32 @@ def pool_draws(n: int, pool_size: int, draws: int, seed: int = 0) -> np.ndarray:
     return np.stack([np.sort(rng.choice(n, size=pool_size, replace=False)) for _ in range(draws)])
 
 
+def pooled_ranks(query, gallery, subsets: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    """(draws, pool) ranks within each pool: several pools scored in one batched matmul while
+    their (pool x pool) score blocks fit BLOCK_ELEMENTS; larger pools go through retrieval_ranks."""
+    query, gallery = _as_tensor(query), _as_tensor(gallery)
+    _check_pair(query, gallery)
+    dtype = torch.promote_types(query.dtype, gallery.dtype)
+    query, gallery = query.to(dtype), gallery.to(query.device, dtype)
+    draws, pool = subsets.shape
+    index = torch.from_numpy(np.ascontiguousarray(subsets)).to(query.device)
+    per_group = BLOCK_ELEMENTS // (pool * pool)
+    if per_group < 1:
+        return np.stack([retrieval_ranks(query[i], gallery[i], chunk=chunk) for i in index])
+    out = []
+    for start in range(0, draws, per_group):
+        rows = index[start : start + per_group]  # (b, pool)
+        scores = torch.bmm(query[rows], gallery[rows].transpose(1, 2))  # (b, pool, pool)
+        true = torch.diagonal(scores, dim1=1, dim2=2)  # (b, pool)
+        out.append((scores >= true[:, :, None]).sum(dim=2))
+    return torch.cat(out).cpu().numpy().astype(np.int64)
+
+
 def pooled_metrics(query, gallery, subsets: np.ndarray, chunk: int = 2048, level: float = CI_LEVEL) -> dict:
     """Rank metrics within each random pool (rows of `subsets`): mean over draws, interval =
     percentiles over draws, sd over draws, and the pool's chance levels."""
-    query, gallery = _as_tensor(query), _as_tensor(gallery)
     pool_size = subsets.shape[1]
-    per_draw = []
-    for subset in subsets:
-        index = torch.from_numpy(subset).to(query.device)
-        per_draw.append(retrieval_ranks(query[index], gallery[index], chunk=chunk))
-    stats = _rank_stats(np.stack(per_draw))
+    stats = _rank_stats(pooled_ranks(query, gallery, subsets, chunk))
     out = {name: float(np.mean(v)) for name, v in stats.items()}
     out.update(pool_size=int(pool_size), n_draws=int(len(subsets)), **chance_levels(pool_size))
     out["ci"] = {name: _percentile_interval(v, level) for name, v in stats.items()}
@@ -344,9 +361,14 @@ def method_metrics(
         if similarity is None:  # the score matrix of the other direction is its transpose
             similarity = similarity_summary(result.matched, result.unmatched_mean, result.unmatched_sd, n * (n - 1))
             samples = (result.matched, result.unmatched_sample)
+    edges = np.unique(np.linspace(1, n + 1, min(HIST_BINS, n) + 1).round().astype(np.int64))
+    histogram = {"bin_edges": edges.tolist()}  # bins [edges[i], edges[i+1]) of 1-based ranks
+    for direction, ranks in ranks_by_direction.items():
+        histogram[direction] = np.histogram(ranks, bins=edges)[0].tolist()
     figures = {
         "n_subjects": int(n),
         "retrieval": retrieval,
+        "rank_histogram": histogram,
         "topk_curve": {"k": list(range(1, k_max + 1)), **curves, "chance": [k / n for k in range(1, k_max + 1)]},
         "similarity": similarity,
     }

@@ -62,6 +62,7 @@ MODES = ("single", "sequence")
 # exact eigendecomposition of the (d, d) covariance.
 EXACT_PCA_MAX_DIM = 2048
 FRONTEND_SEED = 0  # fixed: the same train rows always give the same front-end
+NULL_EIGENVALUE_RTOL = 1e-6
 
 
 @dataclass
@@ -81,6 +82,7 @@ class ModelConfig:
     transformer_pooling: str = "mean"
     neuro_hidden_dim: int | None = None
     dropout: float = 0.1
+    # log inverse temperature at init; with loss='siglip' the CLIP default becomes ln 10 (SigLIP paper)
     logit_scale_init: float = CLIP_LOGIT_SCALE_INIT
     loss: str = "clip"  # 'clip' | 'siglip'
     neuro_pca_dim: int = 0  # 0 = z-scoring only
@@ -255,9 +257,13 @@ def _top_eigh(cov: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _whitening_matrix(evals: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
-    """components / sqrt(eigenvalue): z @ W has identity covariance on the fitting rows."""
-    floor = evals.amax(dim=-1, keepdim=True).clamp(min=1e-30) * 1e-12
-    return _fix_signs(components) / evals.clamp(min=floor).sqrt()[..., None, :]
+    """components / sqrt(eigenvalue): z @ W has identity covariance on the fitting rows. A component
+    whose eigenvalue is numerically zero (below NULL_EIGENVALUE_RTOL x the largest; the data have
+    fewer than k independent directions, e.g. a gene with few distinct embeddings) gets a zero column
+    instead: whitening it would multiply rounding noise, and any unseen direction, by ~1e6."""
+    null = evals <= NULL_EIGENVALUE_RTOL * evals.amax(dim=-1, keepdim=True).clamp(min=0)
+    scale = torch.where(null, torch.zeros_like(evals), evals.clamp(min=1e-300).rsqrt())
+    return _fix_signs(components) * scale[..., None, :]
 
 
 def _pca_whitening(z: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -479,10 +485,24 @@ class MultiGeneAlignmentModel(nn.Module):
                 _xavier_init(layer)
                 self.gene_encoder = layer.to(device=old.device, dtype=old.dtype)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # Adopt the checkpoint's front-end (PCA dims) before the tensors are copied, so that a model
         # built with the seed's constructor (no PCA arguments) loads a PCA-trained state_dict. Runs
-        # before the children load, so the resized encoder layers receive their weights.
+        # before the children load, so the resized encoder layers receive their weights. A partial
+        # state_dict without front-end buffers (strict=False loads) leaves the front-end alone.
+        if prefix + "neuro_mean" in state_dict:
+            self._adopt_frontend(state_dict, prefix)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        fitted = state_dict.get(prefix + "frontend_fitted")
+        if fitted is not None:
+            self._frontend_ready = bool(fitted)
+
+    def _adopt_frontend(self, state_dict, prefix: str) -> None:
+        """Resize the PCA buffers and the encoders' input layers to the state_dict's PCA dims."""
         neuro_pca = state_dict.get(prefix + "neuro_pca")
         k_neuro = int(neuro_pca.shape[-1]) if neuro_pca is not None and neuro_pca.dim() == 2 else 0
         if k_neuro != self._config.neuro_pca_dim:
@@ -491,12 +511,6 @@ class MultiGeneAlignmentModel(nn.Module):
         k_gene = int(gene_pca.shape[-1]) if gene_pca is not None and gene_pca.dim() == self.gene_mean.dim() + 1 else 0
         if k_gene != self._config.gene_pca_dim:
             self._set_gene_pca(k_gene, build_encoder=True)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        fitted = state_dict.get(prefix + "frontend_fitted")
-        if fitted is not None:
-            self._frontend_ready = bool(fitted)
 
     def _check_neuro(self, neuro: torch.Tensor) -> torch.Tensor:
         v = self._config.neuro_input_dim
@@ -543,7 +557,9 @@ class MultiGeneAlignmentModel(nn.Module):
         cfg = self._config
         n = neuro.shape[0]
         if genes.shape[0] != n:
-            raise GenealignError(f"fit_frontend got {n} neuro rows but {genes.shape[0]} gene rows; pass the same subjects.")
+            raise GenealignError(
+                f"fit_frontend got {n} neuro rows but {genes.shape[0]} gene rows; pass the same subjects."
+            )
         k_max = max(cfg.neuro_pca_dim, cfg.gene_pca_dim)
         if n < 2 or n <= k_max:
             raise GenealignError(
@@ -711,4 +727,7 @@ def _validate(cfg: ModelConfig) -> None:
         if cfg.gene_names is not None and len(cfg.gene_names) != cfg.num_genes:
             bad(f"{len(cfg.gene_names)} gene_names given for num_genes={cfg.num_genes}.")
     if cfg.latent_shape is not None and math.prod(cfg.latent_shape) != cfg.neuro_input_dim:
-        bad(f"latent_shape {cfg.latent_shape} has {math.prod(cfg.latent_shape)} values, not neuro_input_dim={cfg.neuro_input_dim}.")
+        bad(
+            f"latent_shape {cfg.latent_shape} has {math.prod(cfg.latent_shape)} values, not "
+            f"neuro_input_dim={cfg.neuro_input_dim}."
+        )

@@ -17,7 +17,8 @@ only one micro-batch's activations at a time. It is the gradient cache of Gao et
 
 The seed instead averaged per-micro-batch losses (negatives never spanned the accumulated batch),
 and a well-known CLIP trainer sums per-micro-batch temperature gradients (K x too large); here the
-temperature sees the loss once. With K = 1 on one process the step is a plain forward/backward.
+temperature sees the loss once. With K = 1 there is no second pass: one forward with grad (on one
+process a plain forward/backward).
 
 Distributed (distributed=True; the caller has initialised torch.distributed; the model is NOT wrapped
 in DistributedDataParallel: this function does the gradient reduction itself). Every rank computes
@@ -110,18 +111,37 @@ def contrastive_step(model, micro_batches, *, autocast_dtype=None, distributed=F
     device = micro_batches[0][0].device
     loss_dtype = model.logit_scale.dtype
 
-    if len(micro_batches) == 1 and world == 1:  # plain forward/backward
-        neuro, genes = micro_batches[0]
-        loss = model.contrastive_loss(*_encode(model, neuro, genes, device, autocast_dtype, loss_dtype))
-        loss.backward()
-        return float(loss.detach())
-
-    earlier = None
+    earlier = {}
     if world > 1:  # keep gradients from earlier calls out of the all-reduce
-        earlier = {p: p.grad for p in model.parameters()}
-        for p in model.parameters():
+        earlier = {p: p.grad for p in model.parameters() if p.grad is not None}
+        for p in earlier:
             p.grad = None
 
+    if len(micro_batches) == 1:
+        # One micro-batch: no recomputation needed. Encode with grad; under DDP the local features
+        # (with their graph) take this rank's slot among the gathered ones.
+        neuro, genes = micro_batches[0]
+        neuro_local, gene_local = _encode(model, neuro, genes, device, autocast_dtype, loss_dtype)  # (B, P)
+        loss = _global_loss(model, neuro_local, gene_local, world, rank)
+        loss.backward()
+    else:
+        loss = _gradient_cache_step(model, micro_batches, device, autocast_dtype, loss_dtype, world, rank)
+
+    if world > 1:
+        _all_reduce_gradients(model, world)
+        for p, grad in earlier.items():
+            p.grad = grad if p.grad is None else p.grad.add_(grad)
+    return float(loss.detach())
+
+
+def _global_loss(model, neuro_local, gene_local, world: int, rank: int) -> torch.Tensor:
+    """The loss over all ranks' rows (world*n, P); gradients flow only into this rank's rows."""
+    if world == 1:
+        return model.contrastive_loss(neuro_local, gene_local)
+    return model.contrastive_loss(_gather_rows(neuro_local, world, rank), _gather_rows(gene_local, world, rank))
+
+
+def _gradient_cache_step(model, micro_batches, device, autocast_dtype, loss_dtype, world, rank) -> torch.Tensor:
     # Pass 1: features of every micro-batch, no graph kept.
     rng_states, neuro_parts, gene_parts = [], [], []
     with torch.no_grad():
@@ -136,12 +156,7 @@ def contrastive_step(model, micro_batches, *, autocast_dtype=None, distributed=F
 
     # The loss over the whole (global) batch; its backward fills the feature leaves' .grad and the
     # temperature's / bias's .grad.
-    if world > 1:
-        neuro_all = _gather_rows(neuro_local, world, rank)  # (world*K*B, P)
-        gene_all = _gather_rows(gene_local, world, rank)
-    else:
-        neuro_all, gene_all = neuro_local, gene_local
-    loss = model.contrastive_loss(neuro_all, gene_all)
+    loss = _global_loss(model, neuro_local, gene_local, world, rank)
     loss.backward()
 
     # Pass 2: recompute each micro-batch with grad, same dropout masks, and push the cached grads in.
@@ -150,15 +165,9 @@ def contrastive_step(model, micro_batches, *, autocast_dtype=None, distributed=F
     gene_grads = gene_local.grad.split(sizes)
     try:
         for k, (neuro, genes) in enumerate(micro_batches):
-            pass
+            _set_rng_state(device, rng_states[k])
             neuro_features, gene_features = _encode(model, neuro, genes, device, autocast_dtype, loss_dtype)
             torch.autograd.backward([neuro_features, gene_features], [neuro_grads[k], gene_grads[k]])
     finally:
         _set_rng_state(device, rng_after)  # as if each micro-batch had been encoded once
-
-    if world > 1:
-        _all_reduce_gradients(model, world)
-        for p, grad in earlier.items():
-            if grad is not None:
-                p.grad = grad if p.grad is None else p.grad.add_(grad)
-    return float(loss.detach())
+    return loss

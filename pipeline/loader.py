@@ -13,8 +13,9 @@ Placements (`LoaderConfig.placement`, resolved once in `BatchLoader.__init__`):
   copied with `non_blocking=True`; a ring of buffers with CUDA events makes sure a buffer is not
   overwritten while its copy is in flight. On a CPU device every batch is a fresh array, so batches
   held by the caller (gradient accumulation) are never overwritten.
-- 'stream': whole chunks are read in a shuffled order by a background thread (zarr releases the GIL
-  while reading) into a shuffle buffer of `shuffle_buffer_chunks` chunks; for cohorts larger than RAM.
+- 'stream': for cohorts larger than RAM. A background thread (zarr's reads and numpy's copies release
+  the GIL) reads whole chunks, in a shuffled order, into a reused shuffle buffer of
+  `shuffle_buffer_chunks` chunks and takes this rank's rows from it; `prefetch` windows wait ready.
 - 'auto': 'device' if CUDA and the rows fit in `memory_fraction` of free GPU memory, else 'memory' if
   they fit in `memory_fraction` of available RAM (shared among the node's ranks), else 'stream'.
 
@@ -45,6 +46,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from zarr.core.buffer.cpu import NDBuffer
 
 from pipeline.errors import GenealignError
 from pipeline.store import StoreView
@@ -102,16 +104,25 @@ def _row_blocks(store: StoreView, rows: np.ndarray, gene_index: int | None = Non
     chunks = np.unique(chunk_of)
     # Runs of consecutive chunks, cut every `chunks_per_span` chunks.
     breaks = np.flatnonzero((np.diff(chunks) != 1) | (np.arange(1, len(chunks)) % chunks_per_span == 0)) + 1
+    # Span buffers reused from span to span: the blocks yielded are copies taken from them.
+    span_rows = min(int(chunks_per_span) * c, store.n_subjects)
+    buffer_neuro = np.empty((span_rows, *store.latent_shape), dtype=store.dtype)
+    buffer_genes = np.empty((span_rows, *_gene_shape(store, gene_index)), dtype=store.dtype)
     for span in np.split(chunks, breaks):
         lo, hi = int(span[0]) * c, min(int(span[-1] + 1) * c, store.n_subjects)
         a, b = np.searchsorted(sorted_rows, [lo, hi])
         local = sorted_rows[a:b] - lo
-        neuro = np.asarray(store.neuro[lo:hi]).reshape(hi - lo, -1)  # (span, V)
-        if gene_index is None:
-            genes = np.asarray(store.genes[lo:hi])  # (span, G, D)
-        else:
-            genes = np.asarray(store.genes[lo:hi, gene_index])  # (span, D)
-        yield order[a:b], neuro[local], genes[local]
+        _read_into(store.neuro, slice(lo, hi), buffer_neuro[: hi - lo])
+        gene_selection = slice(lo, hi) if gene_index is None else (slice(lo, hi), gene_index)
+        _read_into(store.genes, gene_selection, buffer_genes[: hi - lo])
+        neuro = np.take(buffer_neuro.reshape(span_rows, -1), local, axis=0)  # (m, V)
+        genes = np.take(buffer_genes, local, axis=0)  # (m, G, D) | (m, D)
+        yield order[a:b], neuro, genes
+
+
+def _read_into(array, selection, out: np.ndarray) -> None:
+    """array[selection] written into `out` (same shape and dtype) without a temporary array."""
+    array.get_basic_selection(selection, out=NDBuffer.from_numpy_array(out))
 
 
 def _gene_shape(store: StoreView, gene_index: int | None) -> tuple[int, ...]:
@@ -186,19 +197,20 @@ def feature_stats(store: StoreView, rows) -> FeatureStats:
 # Order and sharding (pure functions of the row count, seed and epoch)
 
 
-def shard_batches(order: np.ndarray, batch_size: int, world_size: int, rank: int, drop_last: bool) -> list[np.ndarray]:
+def shard_batches(order: np.ndarray, batch_size: int, world_size: int, rank: int, drop_last: bool) -> list:
     """This rank's batches of a global `order`: global step s is order[s*B*W:(s+1)*B*W], rank r takes
     its r-th B-slice. Every rank gets the same number of batches (see the module docstring)."""
     global_batch = batch_size * world_size
     full = len(order) // global_batch
-    batches = [order[s * global_batch + rank * batch_size : s * global_batch + (rank + 1) * batch_size] for s in range(full)]
+    starts = [s * global_batch + rank * batch_size for s in range(full)]
+    batches = [order[start : start + batch_size] for start in starts]
     rest = order[full * global_batch :]
     if not drop_last and len(rest) >= world_size:
         batches.append(np.array_split(rest, world_size)[rank])
     return batches
 
 
-def block_shuffle(chunk_of_row: np.ndarray, window_chunks: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def block_shuffle(chunk_of_row: np.ndarray, window_chunks: int, rng: np.random.Generator):
     """The 'stream' order: chunks shuffled, cut into windows of `window_chunks` chunks, rows shuffled
     within each window. Returns (order of positions, window index of each position (n,))."""
     chunks = np.unique(chunk_of_row)
@@ -295,7 +307,9 @@ class BatchLoader:
         itemsize = np.dtype(store.dtype).itemsize
         self.nbytes = n * (store.neuro_dim + int(np.prod(self.gene_shape))) * itemsize
         self.placement = resolve_placement(config.placement, self.device, self.nbytes, config.memory_fraction)
-        self.steps_per_epoch = len(shard_batches(np.arange(n), config.batch_size, self.world_size, self.rank, config.drop_last))
+        self.steps_per_epoch = len(
+            shard_batches(np.arange(n), config.batch_size, self.world_size, self.rank, config.drop_last)
+        )
         self._neuro = self._genes = None  # 'device' / 'memory': (n, V) and (n, G*D) or (n, D)
         if self.placement == "device":
             self._load_device()
@@ -425,18 +439,35 @@ class BatchLoader:
         parts: queue.Queue = queue.Queue(maxsize=self.config.prefetch)
         stop = threading.Event()
 
+        store, c = self.store, self.store.chunk_rows
+        window_chunks = self.config.shuffle_buffer_chunks
+
         def read_windows():
+            # Chunks are read into buffers reused from window to window (fresh multi-MB arrays cost
+            # page faults); the rows this rank needs are then taken from them in batch order.
+            buffer_neuro = np.empty((window_chunks * c, *store.latent_shape), dtype=store.dtype)
+            buffer_genes = np.empty((window_chunks * c, *self.gene_shape), dtype=store.dtype)
             try:
                 for w in range(n_windows):
                     if stop.is_set():
                         return
-                    positions = wanted[bounds[w] : bounds[w + 1]]
-                    if len(positions) == 0:
+                    rows = self.rows[wanted[bounds[w] : bounds[w + 1]]]  # this rank's, in batch order
+                    if len(rows) == 0:
                         continue
-                    neuro, genes = _read_host(self.store, self.rows[positions], self.gene_index, dtype=np.float32)
+                    chunks = np.unique(rows // c)
+                    for slot, chunk in enumerate(chunks.tolist()):
+                        lo, hi = chunk * c, min((chunk + 1) * c, store.n_subjects)
+                        at = slice(slot * c, slot * c + hi - lo)
+                        _read_into(store.neuro, slice(lo, hi), buffer_neuro[at])
+                        genes_at = slice(lo, hi) if self.gene_index is None else (slice(lo, hi), self.gene_index)
+                        _read_into(store.genes, genes_at, buffer_genes[at])
+                    at = np.searchsorted(chunks, rows // c) * c + rows % c  # (m,) buffer row of each row
+                    neuro = np.take(buffer_neuro.reshape(len(buffer_neuro), -1), at, axis=0)  # (m, V)
+                    genes = np.take(buffer_genes.reshape(len(buffer_genes), -1), at, axis=0)  # (m, G*D) | (m, D)
+                    part = (neuro.astype(np.float32, copy=False), genes.astype(np.float32, copy=False))
                     while not stop.is_set():
                         try:
-                            parts.put((neuro, genes.reshape(len(genes), -1)), timeout=0.1)
+                            parts.put(part, timeout=0.1)
                             break
                         except queue.Full:
                             continue

@@ -125,12 +125,16 @@ class GeneratorSpec:
     strength_decay: float = 0.82  # strengths 1, 0.82, 0.67, ...
     # Precision (1 / posterior variance) a strength-1 gene alone gives about each factor it carries;
     # loadings are scaled by it, so difficulty does not depend on embedding_dim.
-    gene_precision: float = 8.0
-    interaction_precision: float = 8.0
+    gene_precision: float = 14.0
+    interaction_precision: float = 14.0
+    # Embedding noise, variance per dimension before the gene's scale: shared by every gene
+    # (ancestry; genotyping batch / technical), the gene's own low-rank structure, isotropic.
     n_ancestry: int = 4
-    ancestry_var: float = 0.15  # per embedding dimension, before the gene's scale
-    lowrank_rank: int = 16
-    lowrank_var: float = 0.45
+    ancestry_var: float = 0.15
+    n_batch: int = 4
+    batch_var: float = 0.15
+    lowrank_rank: int = 8
+    lowrank_var: float = 0.05
     iso_var: float = 0.4
     mean_sd: float = 0.3
     log_scale_range: float = 0.5  # gene scale = exp(uniform(-r, r))
@@ -141,7 +145,7 @@ class GeneratorSpec:
     threshold_gain: float = 2.5
     threshold_offset: float = 0.5
     interaction_amplitude: float = 1.0
-    env_var: float = 0.15  # non-genetic variance of each signal coefficient
+    env_var: float = 0.08  # non-genetic variance of each signal coefficient
     n_nuisance: int = 6
     nuisance_sd: float = 2.0
     smooth_sd: float = 0.6
@@ -149,7 +153,7 @@ class GeneratorSpec:
     smooth_width: float = 1.5  # voxels, Gaussian blur of the structured noise
     blob_width: float = 2.0  # voxels, spatial maps
     blobs_per_channel: int = 2
-    projection_noise: float = 0.05  # variance of a map's coefficient estimated alone from one latent
+    projection_noise: float = 0.04  # variance of a map's coefficient estimated alone from one latent
     decimals: int = 5
 
     @classmethod
@@ -186,8 +190,8 @@ class _Model:
     blur: list  # per spatial axis (n, n) blur matrix; structured noise = blur-along-axes(white)
 
     @property
-    def n_latent(self) -> int:  # L: z, u, w, ancestry
-        return self.spec.n_factors + 2 + self.spec.n_ancestry
+    def n_latent(self) -> int:  # L: z, u, w, ancestry, batch
+        return self.spec.n_factors + 2 + self.spec.n_ancestry + self.spec.n_batch
 
     @property
     def n_components(self) -> int:
@@ -315,9 +319,10 @@ def _gene_params(model: _Model, j: int) -> _GeneParams:
     spectrum *= spec.lowrank_var * D / spectrum.sum()
     lowrank = basis * np.sqrt(spectrum)
     directions = _orthonormal(rng, D, K + 2) * math.sqrt(D)  # (D, K+2), columns of norm sqrt(D)
-    ancestry = rng.normal(0.0, math.sqrt(spec.ancestry_var / spec.n_ancestry), (D, spec.n_ancestry))
+    P = spec.n_ancestry
     loadings = np.zeros((D, L))
-    loadings[:, K + 2 :] = ancestry
+    loadings[:, K + 2 : K + 2 + P] = rng.normal(0.0, math.sqrt(spec.ancestry_var / max(P, 1)), (D, P))
+    loadings[:, K + 2 + P :] = rng.normal(0.0, math.sqrt(spec.batch_var / max(spec.n_batch, 1)), (D, spec.n_batch))
     # Column norm^2 = strength^2 * precision * iso_var: the gene alone then gives about
     # `strength^2 * precision` of precision on each factor it carries.
     unit = math.sqrt(spec.iso_var / D)

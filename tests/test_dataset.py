@@ -170,7 +170,8 @@ def test_from_store_and_split(tmp_path):
     assert item["iid"] == "S007" and item["neuro_embedding"].dtype == torch.float32
     np.testing.assert_array_equal(item["gene_sequence"].numpy(), genes[7].astype(np.float16).astype(np.float32))
     single = MultiGeneNeuroDataset.from_store(tmp_path / "s.zarr", mode="single", single_gene_name="COMT")
-    np.testing.assert_array_equal(single[7]["gene_embedding"].numpy(), genes[7, 2].astype(np.float16).astype(np.float32))
+    want = genes[7, 2].astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(single[7]["gene_embedding"].numpy(), want)
     with pytest.raises(GeneNotFoundError, match="Gene 'XXX' not found"):
         MultiGeneNeuroDataset.from_store(tmp_path / "s.zarr", mode="single", single_gene_name="XXX")
     test = MultiGeneNeuroDataset.from_store(tmp_path / "s.zarr", split="test")

@@ -207,3 +207,14 @@ def test_non_finite_and_mismatched_features_are_clear_errors():
         retrieval_ranks(np.full((4, 2), np.nan), q)
     with pytest.raises(GenealignError, match="same shape"):
         retrieval_ranks(q, np.ones((5, 2)))
+
+
+def test_pooled_ranks_batched_and_fallback_agree(monkeypatch):
+    import alignment.metrics as metrics
+
+    q, g = correlated(200, 5, 0.7, seed=4)
+    subsets = pool_draws(200, 60, 7, seed=0)
+    expected = np.stack([brute_force_ranks(q[s], g[s]) for s in subsets])
+    assert np.array_equal(metrics.pooled_ranks(q, g, subsets), expected)
+    monkeypatch.setattr(metrics, "BLOCK_ELEMENTS", 100)  # forces the one-pool-at-a-time path
+    assert np.array_equal(metrics.pooled_ranks(q, g, subsets, chunk=7), expected)

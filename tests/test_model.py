@@ -103,7 +103,8 @@ def test_siglip_temperature_and_bias_init():
     assert seq_model().logit_bias is None and seq_model().logit_scale.item() == pytest.approx(2.6592)
     neuro, genes = cohort(4)
     out = model(neuro, genes)
-    assert torch.allclose(out["logits_per_neuro"], 10.0 * out["neuro_features"] @ out["gene_features"].T - 10.0, atol=1e-5)
+    expected = 10.0 * out["neuro_features"] @ out["gene_features"].T - 10.0
+    assert torch.allclose(out["logits_per_neuro"], expected, atol=1e-5)
 
 
 def test_fit_frontend_z_scores_the_train_rows():
@@ -154,6 +155,21 @@ def test_fit_frontend_single_mode_and_determinism():
     assert identity_error(a._gene_frontend(genes)) < 1e-4
     for name in ("neuro_mean", "neuro_std", "neuro_pca", "gene_mean", "gene_std", "gene_pca"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_fit_frontend_gives_rank_deficient_genes_zero_columns_not_huge_ones():
+    """A gene with 3 distinct embeddings has 2 directions of variance; asking for 4 PCA dims must not
+    whiten the 2 null directions (that would scale rounding noise, and unseen genotypes, by ~1e6)."""
+    neuro, genes = cohort(90)
+    genes[:, 0] = torch.randn(3, D)[torch.arange(90) % 3]  # gene 0: three genotypes only
+    model = seq_model(gene_pca_dim=4)
+    model.fit_frontend(neuro, genes)
+    norms = model.gene_pca[0].norm(dim=0)  # (4,) column norms of gene 0's whitening
+    assert (norms[:2] > 0).all() and torch.equal(norms[2:], torch.zeros(2))
+    held_out = genes[:5].clone()
+    held_out[:, 0] += torch.randn(5, D)  # an unseen genotype
+    assert model._gene_frontend(held_out).abs().max() < 100
+    assert identity_error(model._gene_frontend(genes)[:, 0, :2]) < 1e-4
 
 
 def test_unfitted_pca_frontend_raises_a_clear_error():
@@ -282,7 +298,8 @@ def test_param_groups_put_no_decay_params_where_they_belong():
                  "gene_encoder.transformer.layers.0.norm1.weight", "gene_encoder.transformer.layers.0.linear1.bias"):
         assert name in no_decay_names, name
     for name in ("neuro_encoder.0.weight", "gene_encoder.projection.weight", "gene_encoder.input_projection.weight",
-                 "gene_encoder.transformer.layers.0.self_attn.in_proj_weight", "gene_encoder.transformer.layers.1.linear2.weight"):
+                 "gene_encoder.transformer.layers.0.self_attn.in_proj_weight",
+                 "gene_encoder.transformer.layers.1.linear2.weight"):
         assert name in decay_names, name
     torch.optim.AdamW(model.param_groups(0.01), lr=1e-3)
 

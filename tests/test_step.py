@@ -35,8 +35,8 @@ def batch(mode: str, n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]
     g = torch.Generator().manual_seed(seed)
     neuro = torch.randn(n, V, generator=g, dtype=torch.float64)
     shape = (G, D) if mode == "sequence" else (D,)
-    genes = torch.randn(n, *shape, generator=g, dtype=torch.float64) + 0.5 * neuro[:, :D].reshape(n, *([1] * (len(shape) - 1)), D)
-    return neuro, genes
+    genes = torch.randn(n, *shape, generator=g, dtype=torch.float64)
+    return neuro, genes + 0.5 * neuro[:, :D].reshape(n, *([1] * (len(shape) - 1)), D)  # some shared signal
 
 
 def split(neuro, genes, k):
@@ -161,7 +161,8 @@ def test_two_processes_give_the_one_process_global_batch_gradient(tmp_path):
                 "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
     worker = Path(__file__).with_name("_ddp_worker.py")
     procs = [
-        subprocess.Popen([sys.executable, str(worker), str(tmp_path)], env={**env_base, "RANK": str(r), "LOCAL_RANK": str(r)},
+        subprocess.Popen([sys.executable, str(worker), str(tmp_path)],
+                         env={**env_base, "RANK": str(r), "LOCAL_RANK": str(r)},
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for r in range(world)
     ]

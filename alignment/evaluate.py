@@ -1,0 +1,380 @@
+"""`genealign evaluate`: a checkpoint's retrieval figures on one split, with everything that gives
+them meaning: pool size, direction, chance level, uncertainty and baselines.
+
+    evaluate(EvalConfig(checkpoint=..., store=..., split="test", output_dir=...)) -> EvalResult
+
+1. Rebuild the model from the checkpoint alone (`MultiGeneAlignmentModel.from_checkpoint`: config,
+   weights and its own train-split normalisation) and check it fits the store: latent shape,
+   embedding width and genes (single mode: its one gene must be in the store; sequence mode: the
+   store must hold exactly the checkpoint's genes; a different order is re-ordered).
+2. Embed the split in batches under no_grad (bf16 autocast on CUDA, features float32).
+3. Baselines on the same split and the same genes (`alignment.baselines`, fitted on the train split
+   only), and the oracle when the store came from `genealign synth` (its truth.json is found beside
+   the store's source folders; the oracle's features are scored by dot product, not cosine).
+4. For every method and the chance row: `alignment.metrics.method_metrics` (both directions, the
+   whole split with bootstrap CIs and a permutation p-value, random pools with percentile
+   intervals over draws, top-k curves, matched vs unmatched similarity). Random pools and bootstrap
+   resamples are the same for every method.
+5. Write OUTPUT_DIR/report.md, the plots and OUTPUT_DIR/metrics.json (last; every write atomic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import difflib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alignment.baselines import BASELINES, LABELS, BaselineConfig, fit_baselines, read_batches
+from alignment.metrics import CI_LEVEL, DIRECTIONS, chance_figures, method_metrics
+from alignment.model import MultiGeneAlignmentModel
+from pipeline import GenealignError, open_store
+from pipeline.atomic import atomic_write_json
+from pipeline.store import StoreView
+
+SCHEMA = "genealign-eval/1"
+METRICS_NAME = "metrics.json"
+REPORT_NAME = "report.md"
+ORACLE_BATCH_ROWS = 4096  # the oracle rebuilds the generator per call: few, large calls
+STATISTICS = {
+    "ranks": "rank = 1 + number of other gallery items with score >= the true pair's (ties pessimistic)",
+    "whole_split_interval": (
+        "bootstrap percentile interval: queries resampled with replacement, each keeping its rank against the "
+        "full fixed gallery (re-ranking inside a resampled pool would tie duplicated subjects with their "
+        "partners); the same resamples for every method"
+    ),
+    "pool_interval": "2.5-97.5 percentiles over random pools drawn without replacement; the same pools for every method",
+    "p_value": "permutation test of whole-split top-1: gallery pairing shuffled; p = (1 + #{null >= observed}) / (1 + n)",
+    "cohens_d": "(mean matched - mean unmatched) / sqrt((sd matched^2 + sd unmatched^2) / 2), over all N(N-1) unmatched pairs",
+    "chance": "top-k: k/pool; mean and median rank: (pool+1)/2; MRR: H_pool/pool",
+}
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how. Pool sizes: integers and/or 'all' (the whole split, always scored)."""
+
+    checkpoint: Path | str
+    store: Path | str
+    split: str = "test"
+    pool_sizes: tuple = ("300", "1000", "all")
+    draws: int = 30
+    bootstrap: int = 1000
+    permutations: int = 1000
+    baselines: tuple = ("cca", "pls")
+    output_dir: Path | str | None = None  # default: <checkpoint folder>/eval_<split>
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int = 512
+    oracle: bool = True
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+
+
+@dataclass
+class EvalResult:
+    output_dir: Path
+    metrics: dict  # exactly what metrics.json holds
+    metrics_path: Path
+    report_path: Path
+    plot_paths: dict  # name -> Path
+    headline: list  # one dict per method (model, baselines, oracle, chance): see report.headline_rows
+    seconds: float = 0.0
+
+
+# ------------------------------------------------------------------------------------ config checks
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise GenealignError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu.")
+    return torch.device(name)
+
+
+def _as_list(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = value.split(",")
+    return [str(v).strip() for v in value if str(v).strip()]
+
+
+def resolve_pools(requested, n: int) -> tuple[list[int], list[str]]:
+    """Random pool sizes to draw (each < n) and notes on skipped ones. 'all' is the whole split,
+    which is always scored."""
+    sizes, notes = [], []
+    for item in _as_list(requested):
+        if item.lower() == "all":
+            continue
+        try:
+            size = int(item)
+        except ValueError:
+            raise GenealignError(f"--pool_sizes: {item!r} is not a pool size; write integers and/or all, like 300,1000,all.") from None
+        if size < 2:
+            raise GenealignError(f"--pool_sizes: a pool needs at least 2 subjects; got {size}.")
+        if size > n:
+            notes.append(f"Pool size {size} skipped: the split has only {n} subjects.")
+        elif size == n:
+            notes.append(f"Pool size {size} is the whole split: reported as 'all'.")
+        elif size not in sizes:
+            sizes.append(size)
+    return sorted(sizes), notes
+
+
+def _preview(names, k: int = 5) -> str:
+    names = list(names)
+    return ", ".join(names[:k]) + (f", ... ({len(names)} in all)" if len(names) > k else "")
+
+
+def match_checkpoint(model_config, ckpt_config: dict, store: StoreView, path) -> tuple[str, tuple, list[int], list[str]]:
+    """(mode, gene names in the model's order, their store indices, notes); a GenealignError that
+    names the difference when the checkpoint does not fit the store."""
+    notes = []
+    mode = "sequence" if (model_config.use_transformer or model_config.mode == "sequence") else "single"
+    latent = tuple(model_config.latent_shape) if model_config.latent_shape else None
+    if latent is not None and latent != tuple(store.latent_shape):
+        raise GenealignError(
+            f"Checkpoint {path} expects brain latents of shape {latent} ({int(np.prod(latent))} values), store "
+            f"{store.path} holds {tuple(store.latent_shape)} ({store.neuro_dim}); evaluate on a store of the same latents."
+        )
+    if model_config.neuro_input_dim != store.neuro_dim:
+        raise GenealignError(
+            f"Checkpoint {path} expects {model_config.neuro_input_dim} latent values per subject, store "
+            f"{store.path} has {store.neuro_dim} (shape {tuple(store.latent_shape)}); evaluate on a store of the same latents."
+        )
+    if model_config.gene_input_dim != store.embedding_dim:
+        raise GenealignError(
+            f"Checkpoint {path} expects gene embeddings of width {model_config.gene_input_dim}, store "
+            f"{store.path} has {store.embedding_dim}; evaluate on a store of the same embeddings."
+        )
+    names = model_config.gene_names or tuple(ckpt_config.get("store", {}).get("gene_names") or ())
+    if mode == "single":
+        gene = names[0] if names else ckpt_config.get("train", {}).get("single_gene_name")
+        if not gene:
+            raise GenealignError(f"Checkpoint {path} is a single-gene model but does not record its gene; retrain with genealign train.")
+        if gene not in store.gene_names:
+            close = difflib.get_close_matches(gene, store.gene_names, n=3)
+            hint = f" (close: {', '.join(close)})" if close else ""
+            raise GenealignError(
+                f"Checkpoint {path} is a single-gene model of {gene}, but store {store.path} has no gene {gene}{hint}; "
+                f"its {store.n_genes} genes are {_preview(store.gene_names)}. Evaluate on a store ingested with {gene}."
+            )
+        return mode, (gene,), [store.gene_names.index(gene)], notes
+    if not names:
+        if model_config.num_genes != store.n_genes:
+            raise GenealignError(
+                f"Checkpoint {path} expects {model_config.num_genes} genes, store {store.path} has {store.n_genes}."
+            )
+        notes.append("The checkpoint does not record its gene names: the store's gene order was assumed.")
+        return mode, tuple(store.gene_names), list(range(store.n_genes)), notes
+    names = tuple(names)
+    missing = [g for g in names if g not in store.gene_names]
+    extra = [g for g in store.gene_names if g not in names]
+    if missing or extra:
+        parts = [f"missing {_preview(missing)}"] if missing else []
+        parts += [f"not in the checkpoint {_preview(extra)}"] if extra else []
+        raise GenealignError(
+            f"Checkpoint {path} expects {len(names)} genes ({_preview(names)}), store {store.path} has "
+            f"{store.n_genes}: {'; '.join(parts)}. Evaluate on a store ingested with the checkpoint's genes "
+            "(genealign ingest --genes_file ...)."
+        )
+    if names != tuple(store.gene_names):
+        notes.append("The store holds the checkpoint's genes in another order; they were re-ordered to the checkpoint's.")
+    return mode, names, [store.gene_names.index(g) for g in names], notes
+
+
+def _checkpoint_meta(path) -> dict:
+    """The checkpoint's config/epoch/val metrics (weights are not needed: memory-mapped load)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # an old non-zip file cannot be memory-mapped
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return {"config": ckpt.get("config", {}), "epoch": ckpt.get("epoch"), "val_metrics": ckpt.get("val_metrics") or {}}
+
+
+# -------------------------------------------------------------------------------------- features
+def embed_model(model, store, rows, gene_indices, mode, device, batch_size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised model features (n, P) float32 of `rows`, both sides, on `device`."""
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    )
+    neuro_parts, gene_parts = [], []
+    model.eval()
+    with torch.no_grad(), autocast:
+        for _, neuro, genes in read_batches(store, rows, batch_size, gene_indices):
+            neuro_t = torch.from_numpy(neuro).to(device)  # (b, V)
+            genes_t = torch.from_numpy(genes[:, 0] if mode == "single" else genes).to(device)  # (b, D) | (b, G, D)
+            neuro_parts.append(model.encode_neuro(neuro_t).float())
+            gene_parts.append(model.encode_gene(genes_t).float())
+    return torch.cat(neuro_parts), torch.cat(gene_parts)
+
+
+def embed_baselines(baselines, store, rows, gene_indices, batch_size) -> dict:
+    """name -> (neuro features, gene features) (n, c) float32, unit norm, for each fitted baseline."""
+    neuro_pc, gene_pc = [], []
+    for _, neuro, genes in read_batches(store, rows, batch_size, gene_indices):
+        neuro_pc.append(baselines.frontend.transform_neuro(neuro))  # (b, p)
+        gene_pc.append(baselines.frontend.transform_genes(genes))  # (b, q)
+    neuro_pc, gene_pc = np.concatenate(neuro_pc), np.concatenate(gene_pc)
+    return {name: fitted.embed(neuro_pc, gene_pc) for name, fitted in baselines.methods.items()}
+
+
+def oracle_features(truth: dict, store, rows, gene_indices) -> tuple[np.ndarray, np.ndarray]:
+    """(neuro side, gene side) (n, k) float64 whose dot product is the oracle's score."""
+    from pipeline.synth import oracle_embeddings
+
+    names = [store.gene_names[i] for i in gene_indices]
+    neuro_parts, gene_parts = [], []
+    for _, neuro, genes in read_batches(store, rows, ORACLE_BATCH_ROWS, gene_indices):
+        gene_side, neuro_side = oracle_embeddings(truth, names, genes, neuro)
+        neuro_parts.append(neuro_side)
+        gene_parts.append(gene_side)
+    return np.concatenate(neuro_parts), np.concatenate(gene_parts)
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+def evaluate(config: EvalConfig) -> EvalResult:
+    """Score a checkpoint, its baselines, the oracle and chance on one split; write the report."""
+    from alignment.report import headline_rows, write_report
+
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    store = open_store(config.store)
+    model = MultiGeneAlignmentModel.from_checkpoint(config.checkpoint, map_location="cpu")
+    meta = _checkpoint_meta(config.checkpoint)
+    mode, gene_names, gene_indices, notes = match_checkpoint(model.config, meta["config"], store, config.checkpoint)
+    rows = store.indices(config.split)
+    n = len(rows)
+    if n < 2:
+        raise GenealignError(f"The {config.split} split of {store.path} has {n} subjects; retrieval needs at least 2.")
+    pool_sizes, pool_notes = resolve_pools(config.pool_sizes, n)
+    notes += pool_notes
+    methods = [m.lower() for m in _as_list(config.baselines) if m.lower() != "none"]
+    unknown = [m for m in methods if m not in BASELINES]
+    if unknown:
+        raise GenealignError(f"--baselines: unknown {', '.join(unknown)}; use any of {', '.join(BASELINES)} or none.")
+    if config.draws < 1 or config.bootstrap < 0 or config.permutations < 0:
+        raise GenealignError("--draws must be >= 1, --bootstrap and --permutations >= 0.")
+    notes += _split_notes(config.split, meta["config"], store, methods)
+    out_dir = Path(config.output_dir) if config.output_dir else Path(config.checkpoint).parent / f"eval_{config.split}"
+
+    # Features of every method on the split: name -> (neuro side, gene side), row i = subject i.
+    features = {"model": embed_model(model.to(device), store, rows, gene_indices, mode, device, config.batch_size)}
+    fits = {}
+    if methods:
+        baselines = fit_baselines(store, store.indices("train"), gene_indices, methods, config.baseline, device)
+        for name, (neuro_f, gene_f) in embed_baselines(baselines, store, rows, gene_indices, config.batch_size).items():
+            features[name] = (torch.from_numpy(neuro_f).to(device), torch.from_numpy(gene_f).to(device))
+            fitted = baselines.methods[name]
+            fits[name] = {**baselines.describe(), "n_components": fitted.n_components,
+                          "train_canonical_correlations": fitted.train_correlations}
+            notes += fitted.notes
+    truth_path = store.cohort_truth_path()
+    if config.oracle and truth_path is not None:
+        from pipeline.synth import load_truth
+
+        neuro_o, gene_o = oracle_features(load_truth(truth_path), store, rows, gene_indices)
+        features["oracle"] = (torch.from_numpy(neuro_o).to(device), torch.from_numpy(gene_o).to(device))
+        fits["oracle"] = {"truth": str(truth_path), "genes": list(gene_names)}
+    elif config.oracle:
+        notes.append("No oracle: the store was not made from a `genealign synth` cohort (no truth.json beside its sources).")
+
+    figures, plot_data = {}, {}
+    for name, (neuro_f, gene_f) in features.items():
+        figures[name], plot_data[name] = method_metrics(
+            neuro_f, gene_f, pool_sizes=pool_sizes, draws=config.draws, bootstrap=config.bootstrap,
+            permutations=config.permutations, seed=config.seed,
+        )
+        figures[name].update(label=_label(name, mode, gene_names), score=_score_kind(name), fit=fits.get(name))
+    figures["chance"] = {**chance_figures(n, pool_sizes), "label": "chance", "score": None, "fit": None}
+
+    metrics = {
+        "schema": SCHEMA,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "checkpoint": str(config.checkpoint),
+        "checkpoint_epoch": meta["epoch"],
+        "checkpoint_val_metrics": meta["val_metrics"],
+        "store": str(store.path),
+        "split": config.split,
+        "n_subjects": n,
+        "mode": mode,
+        "gene_names": list(gene_names),
+        "device": str(device),
+        "pool_sizes": [*pool_sizes, n],
+        "pool_keys": [*(str(s) for s in pool_sizes), "all"],
+        "headline_pool": "1000" if 1000 in pool_sizes else "all",
+        "draws": config.draws,
+        "bootstrap": config.bootstrap,
+        "permutations": config.permutations,
+        "seed": config.seed,
+        "ci_level": CI_LEVEL,
+        "directions": {
+            "neuro_to_gene": "query = a subject's brain latent, gallery = the gene features of every subject in the pool",
+            "gene_to_neuro": "query = a subject's gene features, gallery = the brain latents of every subject in the pool",
+        },
+        "statistics": STATISTICS,
+        "methods_order": list(figures),
+        "methods": figures,
+        "notes": notes,
+    }
+    report_path, plot_paths = write_report(metrics, plot_data, out_dir)
+    metrics["files"] = {"report": str(report_path), "plots": {k: str(v) for k, v in plot_paths.items()}}
+    metrics["seconds"] = round(time.perf_counter() - started, 2)
+    metrics = _jsonable(metrics)
+    metrics_path = atomic_write_json(out_dir / METRICS_NAME, metrics)
+    return EvalResult(
+        output_dir=out_dir, metrics=metrics, metrics_path=metrics_path, report_path=report_path,
+        plot_paths=plot_paths, headline=headline_rows(metrics), seconds=metrics["seconds"],
+    )
+
+
+def _label(name: str, mode: str, gene_names) -> str:
+    genes = gene_names[0] if mode == "single" else f"{len(gene_names)} genes"
+    if name == "model":
+        return f"model ({mode}, {genes})"
+    if name == "oracle":
+        return f"oracle ({genes})"
+    return f"{LABELS[name]} ({genes})"
+
+
+def _score_kind(name: str) -> str:
+    if name == "oracle":
+        return "dot product of the oracle's features = its log-likelihood ratio (not a cosine)"
+    return "cosine similarity"
+
+
+def _split_notes(split: str, ckpt_config: dict, store, methods) -> list[str]:
+    notes = []
+    if split == "train":
+        notes.append("Evaluated on the train split, which the model (and the baselines) were fitted on: optimistic.")
+    elif split == "val":
+        notes.append("Evaluated on the val split, which selected the checkpoint: slightly optimistic; report the test split.")
+    trained_on = ckpt_config.get("store", {}).get("path")
+    if trained_on and Path(trained_on).resolve() != Path(store.path).resolve():
+        notes.append(
+            f"The checkpoint was trained on store {trained_on}; evaluated on {store.path}. The split is a hash of the "
+            "IID, so a subject is in the same split in both stores, but check that both came from the same cohort."
+        )
+    return notes
+
+
+def _jsonable(value):
+    """numpy scalars/arrays -> Python; NaN/inf -> None (metrics.json stays strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if np.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value

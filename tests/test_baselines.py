@@ -1,0 +1,132 @@
+"""PCA+CCA / PCA+PLS baselines: train-only fitting, a real linear signal found, a null cohort at chance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from alignment.baselines import BaselineConfig, fit_baselines, read_batches, row_batches
+from alignment.metrics import rank_pass, summarize_ranks, top1_permutation_test
+from pipeline import GenealignError, write_store
+
+GENES = ["G0", "G1", "G2"]
+
+
+def make_store(path: Path, n: int = 600, signal: float = 2.0, null: bool = False, seed: int = 0) -> Path:
+    """Latent (2, 3, 4) = a linear map of gene G1's first 4 dims + noise (or of an independent copy)."""
+    rng = np.random.default_rng(seed)
+    genes = rng.normal(size=(n, len(GENES), 8)).astype(np.float32)  # (N, G, D)
+    source = rng.normal(size=(n, 4)) if null else genes[:, 1, :4]  # (N, 4)
+    neuro = signal * source @ rng.normal(size=(4, 24)) + rng.normal(size=(n, 24))  # (N, V)
+    iids = [str(2_000_000 + i) for i in range(n)]
+    write_store(path, iids, neuro.reshape(n, 2, 3, 4).astype(np.float32), genes, GENES,
+                split_fractions=(0.6, 0.1, 0.3), chunk_rows=50)
+    return path
+
+
+@pytest.fixture(scope="module")
+def signal_store(tmp_path_factory):
+    from pipeline import open_store
+
+    return open_store(make_store(tmp_path_factory.mktemp("signal") / "s.zarr"))
+
+
+@pytest.fixture(scope="module")
+def null_store(tmp_path_factory):
+    from pipeline import open_store
+
+    return open_store(make_store(tmp_path_factory.mktemp("null") / "n.zarr", n=1200, null=True))
+
+
+def test_features(store, gene_indices, config=BaselineConfig()):
+    """(method -> (neuro features, gene features)) of the test split, baselines fitted on train."""
+    baselines = fit_baselines(store, store.indices("train"), gene_indices, ("cca", "pls"), config)
+    test = store.indices("test")
+    neuro, genes = store.read_rows(test)
+    genes = genes[:, gene_indices]
+    neuro_pc = baselines.frontend.transform_neuro(neuro)
+    gene_pc = baselines.frontend.transform_genes(genes)
+    return baselines, {name: m.embed(neuro_pc, gene_pc) for name, m in baselines.methods.items()}
+
+
+test_features.__test__ = False  # a helper, not a test
+
+
+@pytest.mark.parametrize("gene_indices", [[1], [0, 1, 2]], ids=["single", "sequence"])
+def test_baselines_find_a_linear_signal(signal_store, gene_indices):
+    baselines, features = test_features(signal_store, gene_indices)
+    n_test = len(signal_store.indices("test"))
+    assert baselines.n_fit == len(signal_store.indices("train"))
+    for name, (neuro_f, gene_f) in features.items():
+        assert neuro_f.shape == gene_f.shape and neuro_f.shape[0] == n_test
+        assert np.allclose(np.linalg.norm(neuro_f, axis=1), 1, atol=1e-5)  # cosine = dot product
+        result = rank_pass(neuro_f, gene_f)
+        summary = summarize_ranks(result.ranks, n_test)
+        assert summary["top1"] > 10 * summary["chance_top1"], (name, summary)
+        assert top1_permutation_test(result.best, result.best_unique, 200)["p_value"] < 0.01
+        assert baselines.methods[name].train_correlations[0] > 0.8
+
+
+def test_single_gene_baseline_sees_only_its_gene(signal_store):
+    # G1 carries the signal, G0 does not: a baseline restricted to G0 must be at chance level.
+    _, with_g1 = test_features(signal_store, [1])
+    _, with_g0 = test_features(signal_store, [0])
+    n_test = len(signal_store.indices("test"))
+    top1 = lambda f: summarize_ranks(rank_pass(*f).ranks, n_test)["top1"]  # noqa: E731
+    assert top1(with_g1["cca"]) > 5 * top1(with_g0["cca"]) + 1e-9
+    assert top1(with_g0["cca"]) < 5 / n_test
+
+
+def test_null_cohort_is_at_chance(null_store):
+    _, features = test_features(null_store, [0, 1, 2])
+    n_test = len(null_store.indices("test"))
+    for name, (neuro_f, gene_f) in features.items():
+        result = rank_pass(neuro_f, gene_f)
+        summary = summarize_ranks(result.ranks, n_test)
+        assert top1_permutation_test(result.best, result.best_unique, 500, seed=0)["p_value"] > 0.05, name
+        assert summary["mean_rank"] == pytest.approx(summary["chance_mean_rank"], rel=0.1), name
+
+
+def test_fit_uses_only_train_rows(signal_store, tmp_path):
+    """Changing test-split values must not change the fitted front-end or the estimators."""
+    from pipeline import open_store, write_store as write
+
+    neuro, genes = signal_store.read_rows(np.arange(signal_store.n_subjects))
+    test = signal_store.indices("test")
+    neuro[test] += 100.0
+    genes[test] *= -3.0
+    other = write(tmp_path / "o.zarr", signal_store.iid, neuro.reshape(-1, 2, 3, 4), genes, GENES,
+                  split_fractions=(0.6, 0.1, 0.3), chunk_rows=50)
+    assert np.array_equal(open_store(other.path).split, signal_store.split)
+    a = fit_baselines(signal_store, signal_store.indices("train"), [0, 1, 2])
+    b = fit_baselines(other, other.indices("train"), [0, 1, 2])
+    assert np.allclose(a.frontend.neuro_mean, b.frontend.neuro_mean)
+    assert np.allclose(a.frontend.joint_components, b.frontend.joint_components)
+    assert np.allclose(a.methods["cca"].train_correlations, b.methods["cca"].train_correlations)
+
+
+def test_fit_subsample_and_dims(signal_store):
+    config = BaselineConfig(pca_dim=6, per_gene_dim=3, n_components=4, fit_max_rows=100)
+    baselines = fit_baselines(signal_store, signal_store.indices("train"), [0, 1, 2], ("pls",), config)
+    assert baselines.n_fit == 100 and set(baselines.methods) == {"pls"}
+    assert baselines.frontend.dims == (6, 6) and baselines.frontend.gene_components.shape == (3, 8, 3)
+    assert baselines.methods["pls"].n_components == 4
+    described = baselines.describe()
+    assert described["n_fit_rows"] == 100 and described["per_gene_dim"] == 3
+
+
+def test_read_batches_cover_rows_once_in_order(signal_store):
+    rows = signal_store.indices("test")
+    batches = row_batches(signal_store, rows, 40)
+    assert np.array_equal(np.concatenate(batches), rows)
+    neuro, genes = signal_store.read_rows(rows)
+    got = list(read_batches(signal_store, rows, 40, [2, 0]))
+    assert np.array_equal(np.concatenate([g for _, _, g in got]), genes[:, [2, 0]])
+    assert np.array_equal(np.concatenate([n for _, n, _ in got]), neuro)
+
+
+def test_unknown_baseline_is_a_clear_error(signal_store):
+    with pytest.raises(GenealignError, match="Unknown baseline"):
+        fit_baselines(signal_store, signal_store.indices("train"), [0], ("ridge",))

@@ -1,0 +1,199 @@
+"""evaluate() end to end on a tiny synth cohort: both modes, baselines, oracle, chance, the files it
+writes, and a clear error for every way a checkpoint can fail to fit a store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from alignment.evaluate import EvalConfig, evaluate, resolve_pools
+from alignment.metrics import val_retrieval
+from alignment.model import ModelConfig, MultiGeneAlignmentModel
+from alignment.train import build_model
+from pipeline import GenealignError, open_store, write_store
+from pipeline.ingest import IngestConfig, ingest
+from pipeline.synth import SynthConfig, load_truth, strongest_gene, synthesize
+
+FAST = dict(pool_sizes=("40", "100000", "all"), draws=4, bootstrap=100, permutations=100, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("cohort")
+    result = synthesize(SynthConfig(out_dir=root / "cohort", subjects=300, genes=6, embedding_dim=16,
+                                    latent_shape=(2, 4, 4, 3), seed=1, signal=3.0))
+    store = root / "cohort.zarr"
+    ingest(IngestConfig(gene_embedding_dir=result.gene_embedding_dir, brain_latent_dir=result.brain_latent_dir,
+                        store=store, split_fractions=(0.5, 0.1, 0.4)))
+    return store, load_truth(result.truth_path)
+
+
+def make_checkpoint(store_path: Path, out: Path, mode: str, gene: str | None = None) -> Path:
+    """A checkpoint as `genealign train` writes it: untrained weights, front-end fitted on train rows."""
+    store = open_store(store_path)
+    names = (gene,) if mode == "single" else store.gene_names
+    config = ModelConfig(mode=mode, projection_dim=16, transformer_hidden_dim=16, transformer_num_layers=1,
+                         transformer_num_heads=2, dropout=0.0, neuro_pca_dim=8, gene_pca_dim=4)
+    model = build_model(config, store, names)
+    neuro, genes = store.read_rows(store.indices("train"))
+    if mode == "single":
+        genes = genes[:, store.gene_index(gene)]
+    model.fit_frontend(torch.from_numpy(neuro), torch.from_numpy(np.ascontiguousarray(genes)))
+    torch.save({
+        "model_state_dict": model.state_dict(),
+        "config": {"model": model.config.to_dict(), "train": {"mode": mode, "single_gene_name": gene},
+                   "store": {"path": str(store_path), "gene_names": list(names)}},
+        "epoch": 0, "val_metrics": {},
+    }, out)
+    return out
+
+
+def test_sequence_mode_end_to_end(cohort, tmp_path):
+    store, truth = cohort
+    ckpt = make_checkpoint(store, tmp_path / "seq.pt", "sequence")
+    out = tmp_path / "eval"
+    result = evaluate(EvalConfig(checkpoint=ckpt, store=store, output_dir=out, **FAST))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == result.metrics
+    view = open_store(store)
+    n = len(view.indices("test"))
+    assert metrics["split"] == "test" and metrics["n_subjects"] == n and metrics["mode"] == "sequence"
+    assert metrics["pool_sizes"] == [40, n] and metrics["pool_keys"] == ["40", "all"]
+    assert any("100000 skipped" in note for note in metrics["notes"])
+    assert metrics["methods_order"] == ["model", "cca", "pls", "oracle", "chance"]
+    for method in metrics["methods_order"]:
+        figures = metrics["methods"][method]
+        for direction in ("neuro_to_gene", "gene_to_neuro"):
+            for key, size in (("40", 40), ("all", n)):
+                cell = figures["retrieval"][direction][key]
+                assert cell["pool_size"] == size
+                assert cell["chance_top1"] == pytest.approx(1 / size)
+                assert cell["chance_mean_rank"] == pytest.approx((size + 1) / 2)
+                for m in ("top1", "top5", "top10", "mean_rank", "median_rank", "mrr"):
+                    assert m in cell
+                if method != "chance":
+                    lo, hi = cell["ci"]["top1"]
+                    assert lo <= cell["top1"] <= hi
+            if method != "chance":
+                assert 0 < figures["retrieval"][direction]["all"]["p_value_top1"] <= 1
+                assert figures["retrieval"][direction]["40"]["n_draws"] == 4
+        assert len(figures["topk_curve"]["k"]) == 50
+    assert metrics["methods"]["cca"]["fit"]["genes"] == list(view.gene_names)
+    assert metrics["methods"]["oracle"]["score"].startswith("dot product")
+    # The oracle knows the generator: far above chance on a strong-signal cohort.
+    oracle = metrics["methods"]["oracle"]["retrieval"]["neuro_to_gene"]["all"]
+    assert oracle["top1"] > 5 * oracle["chance_top1"] and oracle["p_value_top1"] < 0.05
+
+    # The model's figures are those of its own features on the test split (its own normalisation).
+    model = MultiGeneAlignmentModel.from_checkpoint(ckpt)
+    neuro, genes = view.read_rows(view.indices("test"))
+    with torch.no_grad():
+        direct = val_retrieval(model.encode_neuro(torch.from_numpy(neuro)), model.encode_gene(torch.from_numpy(genes)))
+    assert metrics["methods"]["model"]["retrieval"]["neuro_to_gene"]["all"]["top1"] == pytest.approx(direct["top1_neuro_to_gene"])
+    assert metrics["methods"]["model"]["retrieval"]["gene_to_neuro"]["all"]["top1"] == pytest.approx(direct["top1_gene_to_neuro"])
+
+    report = (out / "report.md").read_text()
+    for needle in ("N = ", "top-1 out of", "chance", "PCA+CCA", "PCA+PLS", "oracle", "neuro→gene", "gene→neuro",
+                   "bootstrap", "permutation", "Cohen's d", "draws"):
+        assert needle in report, needle
+    for name in ("topk_curves.png", "rank_histogram.png", "similarity.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob(".*.tmp"))  # atomic writes left no temp files
+    rows = result.headline
+    assert [r["method"] for r in rows] == ["model", "cca", "pls", "oracle", "chance"]
+    assert rows[0]["pool_size"] == n  # no pool of 1000 here: the headline is the whole split
+    assert rows[-1]["top1_neuro_to_gene"] == pytest.approx(1 / n)
+
+
+def test_single_mode_uses_its_gene_everywhere(cohort, tmp_path):
+    store, truth = cohort
+    gene = strongest_gene(truth)
+    ckpt = make_checkpoint(store, tmp_path / "single.pt", "single", gene)
+    result = evaluate(EvalConfig(checkpoint=ckpt, store=store, output_dir=tmp_path / "e", baselines=("cca",), **FAST))
+    metrics = result.metrics
+    assert metrics["mode"] == "single" and metrics["gene_names"] == [gene]
+    assert metrics["methods_order"] == ["model", "cca", "oracle", "chance"]
+    assert metrics["methods"]["cca"]["fit"]["genes"] == [gene]
+    assert metrics["methods"]["oracle"]["fit"]["genes"] == [gene]
+    assert gene in metrics["methods"]["model"]["label"]
+    assert f"gene {gene}" in result.report_path.read_text()
+
+
+def test_a_checkpoint_written_by_train(cohort, tmp_path):
+    from alignment.train import TrainConfig, train
+
+    store, _ = cohort
+    run = train(TrainConfig(store=str(store), output_dir=str(tmp_path / "run"), mode="sequence", batch_size=32,
+                            num_epochs=1, save_every=0, data_placement="memory", device="cpu"),
+                ModelConfig(projection_dim=16, transformer_hidden_dim=16, transformer_num_layers=1,
+                            transformer_num_heads=2, neuro_pca_dim=8, gene_pca_dim=4))
+    result = evaluate(EvalConfig(checkpoint=run.best_checkpoint, store=store, baselines=(), oracle=False, **FAST))
+    assert result.output_dir == run.best_checkpoint.parent / "eval_test"
+    assert result.metrics["methods_order"] == ["model", "chance"]
+    assert result.metrics["checkpoint_epoch"] == 1
+
+
+def test_store_without_truth_has_no_oracle_row(cohort, tmp_path):
+    store, _ = cohort
+    view = open_store(store)
+    neuro, genes = view.read_rows(np.arange(view.n_subjects))
+    plain = write_store(tmp_path / "plain.zarr", view.iid, neuro.reshape(-1, *view.latent_shape), genes,
+                        view.gene_names, split_fractions=(0.5, 0.1, 0.4))
+    ckpt = make_checkpoint(store, tmp_path / "seq.pt", "sequence")
+    result = evaluate(EvalConfig(checkpoint=ckpt, store=plain.path, output_dir=tmp_path / "e", baselines="none", **FAST))
+    assert "oracle" not in result.metrics["methods"]
+    assert any("No oracle" in note for note in result.metrics["notes"])
+    assert any("trained on store" in note for note in result.metrics["notes"])
+
+
+def _copy_store(view, path: Path, genes_keep=None, latent_shape=None):
+    neuro, genes = view.read_rows(np.arange(view.n_subjects))
+    names = list(view.gene_names)
+    if genes_keep is not None:
+        genes, names = genes[:, genes_keep], [names[i] for i in genes_keep]
+    shape = latent_shape or view.latent_shape
+    neuro = neuro[:, : int(np.prod(shape))].reshape(-1, *shape)
+    return write_store(path, view.iid, neuro, genes, names, split_fractions=(0.5, 0.1, 0.4)).path
+
+
+def test_mismatched_checkpoint_and_store_are_clear_errors(cohort, tmp_path):
+    store, truth = cohort
+    view = open_store(store)
+    seq = make_checkpoint(store, tmp_path / "seq.pt", "sequence")
+    gene = strongest_gene(truth)
+    single = make_checkpoint(store, tmp_path / "single.pt", "single", gene)
+    missing = view.gene_names[-1]
+    fewer = _copy_store(view, tmp_path / "fewer.zarr", genes_keep=list(range(view.n_genes - 1)))
+    with pytest.raises(GenealignError, match=rf"expects 6 genes \(.*\), store .* has 5: missing {missing}"):
+        evaluate(EvalConfig(checkpoint=seq, store=fewer, output_dir=tmp_path / "x", **FAST))
+
+    others = [i for i, g in enumerate(view.gene_names) if g != gene]
+    no_gene = _copy_store(view, tmp_path / "nogene.zarr", genes_keep=others)
+    with pytest.raises(GenealignError, match=rf"single-gene model of {gene}, but store .* has no gene {gene}"):
+        evaluate(EvalConfig(checkpoint=single, store=no_gene, output_dir=tmp_path / "x", **FAST))
+
+    smaller = _copy_store(view, tmp_path / "latent.zarr", latent_shape=(2, 4, 4, 2))
+    with pytest.raises(GenealignError, match=r"expects brain latents of shape \(2, 4, 4, 3\) \(96 values\).*\(2, 4, 4, 2\)"):
+        evaluate(EvalConfig(checkpoint=seq, store=smaller, output_dir=tmp_path / "x", **FAST))
+
+    with pytest.raises(GenealignError, match="does not exist"):
+        evaluate(EvalConfig(checkpoint=tmp_path / "none.pt", store=store, output_dir=tmp_path / "x", **FAST))
+    with pytest.raises(GenealignError, match="not a pool size"):
+        evaluate(EvalConfig(checkpoint=seq, store=store, output_dir=tmp_path / "x", **{**FAST, "pool_sizes": ("ten",)}))
+    with pytest.raises(GenealignError, match="unknown ridge"):
+        evaluate(EvalConfig(checkpoint=seq, store=store, output_dir=tmp_path / "x", baselines=("ridge",), **FAST))
+    assert not (tmp_path / "x").exists()  # nothing written on a user error
+
+
+def test_resolve_pools():
+    assert resolve_pools("300,1000,all", 5000) == ([300, 1000], [])
+    sizes, notes = resolve_pools(("300", 1000, "all"), 1000)
+    assert sizes == [300] and "whole split" in notes[0]
+    sizes, notes = resolve_pools(("300", "1000"), 500)
+    assert sizes == [300] and "1000 skipped" in notes[0]
+    with pytest.raises(GenealignError, match="at least 2"):
+        resolve_pools(("1",), 50)
