@@ -272,6 +272,7 @@ def train(
     loss: Annotated[str, opt("loss", "clip (symmetric InfoNCE) or siglip (sigmoid, for small batches).")] = "clip",
     neuro_pca_dim: Annotated[int, opt("neuro_pca_dim", "PCA-whitening front-end for the latent, fitted on train (0 = off).")] = 256,
     gene_pca_dim: Annotated[int, opt("gene_pca_dim", "Per-gene PCA-whitening front-end, fitted on train (0 = off).")] = 32,
+    gene_projection: Annotated[str, opt("gene_projection", "Sequence mode input projection: per_gene (one per gene) or shared (the seed's).")] = "per_gene",
     seed: Annotated[int, opt("seed", "One seed for init, batches and dropout.")] = 42,
     save_every: Annotated[int, opt("save_every", "Also keep checkpoint_epoch_N.pt every N epochs (0 = never).")] = 10,
     patience: Annotated[int, opt("patience", "Stop after N epochs without val improvement (0 = off).")] = 0,
@@ -293,6 +294,7 @@ def train(
         transformer_num_layers=transformer_num_layers, transformer_num_heads=transformer_num_heads,
         transformer_pooling=transformer_pooling, neuro_hidden_dim=neuro_hidden_dim, dropout=dropout,
         logit_scale_init=logit_scale_init, loss=loss, neuro_pca_dim=neuro_pca_dim, gene_pca_dim=gene_pca_dim,
+        gene_projection=gene_projection,
     )
     config = TrainConfig(
         store=str(store), output_dir=str(output_dir), mode=mode, single_gene_name=single_gene_name,
@@ -339,6 +341,92 @@ def _store_for_training(store, gene_embedding_dir, brain_latent_dir, iid_column,
                                     store=path, iid_column=iid_column, workers=2))
         )
     return path
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+def _print_rows(rows: list[dict], pool_size: int, n: int, title: str) -> None:
+    """Rich version of report.md's headline table: pool, both directions, CIs, p-values, chance."""
+    table = Table(title=title, header_style="bold", show_lines=False)
+    table.add_column("method")
+    for direction in ("neuro_to_gene", "gene_to_neuro"):
+        arrow = "neuro→gene" if direction == "neuro_to_gene" else "gene→neuro"
+        table.add_column(f"top-1 {arrow}\npool {pool_size:,} [95% CI]", justify="right")
+        table.add_column(f"top-1 {arrow}\nall {n:,} [95% CI]", justify="right")
+        table.add_column(f"p {arrow}", justify="right")
+
+    def fmt(value, ci=None) -> str:
+        if value is None:
+            return "—"
+        text = f"{value:.3f}"
+        return text + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+    for row in rows:
+        cells = [f"[bold]{row['name']}[/bold]" if row["method"] == "model" else row["name"]]
+        for direction in ("neuro_to_gene", "gene_to_neuro"):
+            p = row.get(f"p_{direction}")
+            cells += [fmt(row[f"top1_{direction}"], row.get(f"ci_{direction}")),
+                      fmt(row[f"top1_all_{direction}"], row.get(f"ci_all_{direction}")),
+                      "—" if p is None else (f"{p:.3g}")]
+        table.add_row(*cells)
+    console.print(table)
+
+
+@app.command()
+@friendly
+def evaluate(
+    checkpoint: Annotated[Path, opt("checkpoint", "A checkpoint written by `genealign train` (e.g. D/best_model.pt).")],
+    store: Annotated[Path, opt("store", "The store to evaluate on (the one it was trained from, or a compatible one).")],
+    output_dir: Annotated[Optional[Path], opt("output_dir", "Where metrics.json, report.md and plots go (default: next to the checkpoint).")] = None,
+    split: Annotated[str, opt("split", "train, val, test or all.")] = "test",
+    pool_sizes: Annotated[str, opt("pool_sizes", "Comma-separated pool sizes; 'all' = the whole split.")] = "300,1000,all",
+    draws: Annotated[int, opt("draws", "Random pools drawn per pool size.")] = 30,
+    bootstrap: Annotated[int, opt("bootstrap", "Bootstrap resamples for the whole-split 95% intervals.")] = 1000,
+    permutations: Annotated[int, opt("permutations", "Pairing permutations for the top-1 p-value.")] = 1000,
+    baselines: Annotated[str, opt("baselines", "Comma-separated baselines fitted on train: cca, pls, or none.")] = "cca,pls",
+    oracle: Annotated[bool, opt("oracle", "Add the generator's oracle when the store came from `genealign synth`.")] = True,
+    seed: Annotated[int, opt("seed", "Seed of pools, bootstrap and permutations.")] = 0,
+    device: Annotated[str, opt("device", "auto, cpu, cuda or cuda:N.")] = "auto",
+    batch_size: Annotated[int, opt("batch_size", "Rows embedded per batch.")] = 512,
+) -> None:
+    """Evaluate a checkpoint on a held-out split: retrieval both ways with pools, CIs, p-values, baselines."""
+    from alignment.evaluate import EvalConfig, evaluate as run_evaluate
+
+    chosen = tuple(b.strip() for b in baselines.split(",") if b.strip() and b.strip() != "none")
+    result = run_evaluate(
+        EvalConfig(checkpoint=checkpoint, store=store, split=split,
+                   pool_sizes=tuple(p.strip() for p in pool_sizes.split(",") if p.strip()), draws=draws,
+                   bootstrap=bootstrap, permutations=permutations, baselines=chosen, output_dir=output_dir,
+                   seed=seed, device=device, batch_size=batch_size, oracle=oracle),
+        progress=lambda message: console.print(f"[dim]{message}[/dim]"),
+    )
+    rows = result.headline
+    pool = rows[0]["pool_size"] if rows else 0
+    _print_rows(rows, pool, result.metrics["n_subjects"],
+                f"{split} split: top-1 retrieval (chance = 1/pool)")
+    console.print(f"Report {result.report_path}; figures in {result.output_dir} ({result.seconds:.0f}s).")
+
+
+# ---------------------------------------------------------------------------------------------- demo
+@app.command()
+@friendly
+def demo(
+    output_dir: Annotated[Path, opt("output_dir", "Where the cohort, store, runs and report go.")] = Path("data/demo"),
+    subjects: Annotated[int, opt("subjects", "Cohort size (the test split must hold >= 1,000 subjects).")] = 8000,
+    null: Annotated[bool, opt("null", "Run on a cohort with no gene->brain signal (every figure should sit at chance).")] = False,
+    device: Annotated[str, opt("device", "auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """The whole job on the built-in cohort: synth -> ingest -> train both modes -> evaluate -> compare."""
+    from alignment.demo import DemoConfig, run_demo
+
+    bar = _TrainProgress()
+    try:
+        result = run_demo(DemoConfig(output_dir=output_dir, subjects=subjects, null=null, device=device),
+                          log=lambda message: console.print(message, highlight=False), progress=bar)
+    finally:
+        bar.close()
+    _print_rows(result.rows, result.pool_size, result.n_test,
+                f"Held-out test split (N = {result.n_test:,}): top-1 retrieval, chance = 1/pool")
+    console.print(f"Report: [bold]{result.report}[/bold]")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,7 +9,7 @@ and a finished step is reused when the demo is run again with the same settings.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -102,8 +102,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print, progress=No
     ]
     evaluations = []
     for i, (mode, label, run_dir, model_cfg, train_kw, single_gene) in enumerate(runs):
-        settings = {"model": model_cfg.to_dict(), "train": train_kw, "store": str(store), "ingest_reused": None}
-        settings.pop("ingest_reused")
+        settings = {"model": model_cfg.to_dict(), "train": train_kw, "store": str(store)}
         if _done(run_dir, settings):
             log(f"[{3 + i}/5] {label}: {run_dir}/best_model.pt already trained; reusing it")
         else:
@@ -136,10 +135,6 @@ def _summarise(out: Path, store: Path, evaluations) -> DemoResult:
 
     metrics = [(label, json.loads((d / "metrics.json").read_text())) for label, d in evaluations]
     rows, pool, n_test = comparison_rows(metrics)
-    text = comparison_markdown(rows, pool, n_test, [(label, d / "report.md") for label, d in evaluations])
+    text = comparison_markdown(rows, pool, n_test, [(label, d / "report.md") for label, d in evaluations], base=out)
     report = atomic_write_text(out / "report.md", text)
     return DemoResult(output_dir=out, store=store, report=report, rows=rows, pool_size=pool, n_test=n_test)
-
-
-def demo_settings(config: DemoConfig) -> dict:
-    return asdict(config)

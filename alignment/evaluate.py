@@ -5,8 +5,8 @@ them meaning: pool size, direction, chance level, uncertainty and baselines.
 
 1. Rebuild the model from the checkpoint alone (`MultiGeneAlignmentModel.from_checkpoint`: config,
    weights and its own train-split normalisation) and check it fits the store: latent shape,
-   embedding width and genes (single mode: its one gene must be in the store; sequence mode: the
-   store must hold exactly the checkpoint's genes; a different order is re-ordered).
+   embedding width and genes (single mode: its one gene must be in the store; sequence mode: every
+   gene of the checkpoint must be, and they are read in the checkpoint's order).
 2. Embed the split in batches under no_grad (bf16 autocast on CUDA, features float32).
 3. Baselines on the same split and the same genes (`alignment.baselines`, fitted on the train split
    only), and the oracle when the store came from `genealign synth` (its truth.json is found beside
@@ -26,12 +26,13 @@ import difflib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from alignment.baselines import BASELINES, LABELS, BaselineConfig, fit_baselines, read_batches
-from alignment.metrics import CI_LEVEL, DIRECTIONS, chance_figures, method_metrics
+from alignment.metrics import CI_LEVEL, chance_figures, method_metrics
 from alignment.model import MultiGeneAlignmentModel
 from pipeline import GenealignError, open_store
 from pipeline.atomic import atomic_write_json
@@ -40,7 +41,8 @@ from pipeline.store import StoreView
 SCHEMA = "genealign-eval/1"
 METRICS_NAME = "metrics.json"
 REPORT_NAME = "report.md"
-ORACLE_BATCH_ROWS = 4096  # the oracle rebuilds the generator per call: few, large calls
+ORACLE_BATCH_ROWS = 4096
+MIN_BASELINE_TRAIN = 20  # the oracle rebuilds the generator per call: few, large calls
 STATISTICS = {
     "ranks": "rank = 1 + number of other gallery items with score >= the true pair's (ties pessimistic)",
     "whole_split_interval": (
@@ -127,7 +129,12 @@ def resolve_pools(requested, n: int) -> tuple[list[int], list[str]]:
 
 def _preview(names, k: int = 5) -> str:
     names = list(names)
-    return ", ".join(names[:k]) + (f", ... ({len(names)} in all)" if len(names) > k else "")
+    return ", ".join(names[:k]) + (", ..." if len(names) > k else "")
+
+
+def _counted(names) -> str:
+    """'X' / 'X, Y' for a few names, '12 (X, Y, Z, ...)' for many."""
+    return _preview(names) if len(names) <= 5 else f"{len(names)} ({_preview(names)})"
 
 
 def match_checkpoint(model_config, ckpt_config: dict, store: StoreView, path) -> tuple[str, tuple, list[int], list[str]]:
@@ -174,15 +181,16 @@ def match_checkpoint(model_config, ckpt_config: dict, store: StoreView, path) ->
     names = tuple(names)
     missing = [g for g in names if g not in store.gene_names]
     extra = [g for g in store.gene_names if g not in names]
-    if missing or extra:
-        parts = [f"missing {_preview(missing)}"] if missing else []
-        parts += [f"not in the checkpoint {_preview(extra)}"] if extra else []
+    if missing:
         raise GenealignError(
             f"Checkpoint {path} expects {len(names)} genes ({_preview(names)}), store {store.path} has "
-            f"{store.n_genes}: {'; '.join(parts)}. Evaluate on a store ingested with the checkpoint's genes "
-            "(genealign ingest --genes_file ...)."
+            f"{store.n_genes}: missing {_counted(missing)}. Evaluate on a store ingested with the checkpoint's "
+            "genes (genealign ingest --genes_file ...)."
         )
-    if names != tuple(store.gene_names):
+    if extra:  # the model reads only its own genes, so a superset store is fine
+        notes.append(f"The store has {len(extra)} gene(s) the checkpoint does not use ({_preview(extra)}); "
+                     "the model and the baselines use the checkpoint's genes only.")
+    elif names != tuple(store.gene_names):
         notes.append("The store holds the checkpoint's genes in another order; they were re-ordered to the checkpoint's.")
     return mode, names, [store.gene_names.index(g) for g in names], notes
 
@@ -236,11 +244,45 @@ def oracle_features(truth: dict, store, rows, gene_indices) -> tuple[np.ndarray,
     return np.concatenate(neuro_parts), np.concatenate(gene_parts)
 
 
+def method_features(config, store, model, mode, gene_indices, rows, device, notes) -> tuple[dict, dict]:
+    """Features of every method on the split, name -> (neuro side, gene side) tensors on `device`
+    (row i = subject i), and what to record about each method's fit. Appends to `notes`."""
+    features = {"model": embed_model(model.to(device), store, rows, gene_indices, mode, device, config.batch_size)}
+    fits = {}
+    methods = [m.lower() for m in _as_list(config.baselines) if m.lower() != "none"]
+    n_train = len(store.indices("train"))
+    if methods and n_train < MIN_BASELINE_TRAIN:
+        # e.g. an external cohort ingested as all-test: nothing to fit the baselines on.
+        notes.append(f"Baselines skipped: the train split of {store.path} has {n_train} subjects "
+                     f"(at least {MIN_BASELINE_TRAIN} are needed to fit them).")
+        methods = []
+    if methods:
+        baselines = fit_baselines(store, store.indices("train"), gene_indices, methods, config.baseline, device)
+        for name, (neuro_f, gene_f) in embed_baselines(baselines, store, rows, gene_indices, config.batch_size).items():
+            features[name] = (torch.from_numpy(neuro_f).to(device), torch.from_numpy(gene_f).to(device))
+            fitted = baselines.methods[name]
+            fits[name] = {**baselines.describe(), "n_components": fitted.n_components,
+                          "train_canonical_correlations": fitted.train_correlations}
+            notes += fitted.notes
+    truth_path = store.cohort_truth_path()
+    if config.oracle and truth_path is not None:
+        from pipeline.synth import load_truth
+
+        neuro_o, gene_o = oracle_features(load_truth(truth_path), store, rows, gene_indices)
+        features["oracle"] = (torch.from_numpy(neuro_o).to(device), torch.from_numpy(gene_o).to(device))
+        fits["oracle"] = {"truth": str(truth_path), "genes": [store.gene_names[i] for i in gene_indices]}
+    elif config.oracle:
+        notes.append("No oracle: the store was not made from a `genealign synth` cohort (no truth.json beside its sources).")
+    return features, fits
+
+
 # ------------------------------------------------------------------------------------------ evaluate
-def evaluate(config: EvalConfig) -> EvalResult:
-    """Score a checkpoint, its baselines, the oracle and chance on one split; write the report."""
+def evaluate(config: EvalConfig, progress: Callable[[str], None] | None = None) -> EvalResult:
+    """Score a checkpoint, its baselines, the oracle and chance on one split; write the report.
+    `progress(message)` (optional) is told what each phase is doing; the CLI prints it."""
     from alignment.report import headline_rows, write_report
 
+    say = progress or (lambda message: None)
     started = time.perf_counter()
     device = resolve_device(config.device)
     store = open_store(config.store)
@@ -259,32 +301,16 @@ def evaluate(config: EvalConfig) -> EvalResult:
         raise GenealignError(f"--baselines: unknown {', '.join(unknown)}; use any of {', '.join(BASELINES)} or none.")
     if config.draws < 1 or config.bootstrap < 0 or config.permutations < 0:
         raise GenealignError("--draws must be >= 1, --bootstrap and --permutations >= 0.")
-    notes += _split_notes(config.split, meta["config"], store, methods)
+    notes += _split_notes(config.split, meta["config"], store)
     out_dir = Path(config.output_dir) if config.output_dir else Path(config.checkpoint).parent / f"eval_{config.split}"
 
-    # Features of every method on the split: name -> (neuro side, gene side), row i = subject i.
-    features = {"model": embed_model(model.to(device), store, rows, gene_indices, mode, device, config.batch_size)}
-    fits = {}
-    if methods:
-        baselines = fit_baselines(store, store.indices("train"), gene_indices, methods, config.baseline, device)
-        for name, (neuro_f, gene_f) in embed_baselines(baselines, store, rows, gene_indices, config.batch_size).items():
-            features[name] = (torch.from_numpy(neuro_f).to(device), torch.from_numpy(gene_f).to(device))
-            fitted = baselines.methods[name]
-            fits[name] = {**baselines.describe(), "n_components": fitted.n_components,
-                          "train_canonical_correlations": fitted.train_correlations}
-            notes += fitted.notes
-    truth_path = store.cohort_truth_path()
-    if config.oracle and truth_path is not None:
-        from pipeline.synth import load_truth
-
-        neuro_o, gene_o = oracle_features(load_truth(truth_path), store, rows, gene_indices)
-        features["oracle"] = (torch.from_numpy(neuro_o).to(device), torch.from_numpy(gene_o).to(device))
-        fits["oracle"] = {"truth": str(truth_path), "genes": list(gene_names)}
-    elif config.oracle:
-        notes.append("No oracle: the store was not made from a `genealign synth` cohort (no truth.json beside its sources).")
-
+    say(f"Embedding {n:,} {config.split} subjects ({mode} mode, {len(gene_names)} gene(s)) on {device}"
+        + (f"; fitting {', '.join(methods)} on the train split" if methods else ""))
+    features, fits = method_features(config, store, model, mode, gene_indices, rows, device, notes)
     figures, plot_data = {}, {}
     for name, (neuro_f, gene_f) in features.items():
+        say(f"Scoring {name}: whole split, {len(pool_sizes)} pool size(s) x {config.draws} draws, "
+            f"{config.bootstrap:,} bootstrap resamples, {config.permutations:,} permutations")
         figures[name], plot_data[name] = method_metrics(
             neuro_f, gene_f, pool_sizes=pool_sizes, draws=config.draws, bootstrap=config.bootstrap,
             permutations=config.permutations, seed=config.seed,
@@ -321,6 +347,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
         "methods": figures,
         "notes": notes,
     }
+    say(f"Writing {out_dir}/report.md, plots and metrics.json")
     report_path, plot_paths = write_report(metrics, plot_data, out_dir)
     metrics["files"] = {"report": str(report_path), "plots": {k: str(v) for k, v in plot_paths.items()}}
     metrics["seconds"] = round(time.perf_counter() - started, 2)
@@ -347,10 +374,12 @@ def _score_kind(name: str) -> str:
     return "cosine similarity"
 
 
-def _split_notes(split: str, ckpt_config: dict, store, methods) -> list[str]:
+def _split_notes(split: str, ckpt_config: dict, store) -> list[str]:
     notes = []
     if split == "train":
         notes.append("Evaluated on the train split, which the model (and the baselines) were fitted on: optimistic.")
+    elif split == "all":
+        notes.append("Evaluated on all subjects, including the train split the model was fitted on: optimistic.")
     elif split == "val":
         notes.append("Evaluated on the val split, which selected the checkpoint: slightly optimistic; report the test split.")
     trained_on = ckpt_config.get("store", {}).get("path")

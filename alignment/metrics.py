@@ -77,6 +77,14 @@ def _check_pair(query: torch.Tensor, gallery: torch.Tensor) -> None:
         )
 
 
+def _pair(query, gallery) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked tensors of one dtype on the query's device."""
+    query, gallery = _as_tensor(query), _as_tensor(gallery)
+    _check_pair(query, gallery)
+    dtype = torch.promote_types(query.dtype, gallery.dtype)
+    return query.to(dtype), gallery.to(query.device, dtype)
+
+
 @dataclass
 class RankPass:
     """Everything one chunked pass over the (N x N) scores of one direction yields."""
@@ -91,49 +99,48 @@ class RankPass:
 
 
 def rank_pass(query, gallery, chunk: int = 2048, seed: int = 0) -> RankPass:
-    """Ranks of the true pairs plus the row maxima and score moments, one block of queries at a time."""
-    query, gallery = _as_tensor(query), _as_tensor(gallery)
-    _check_pair(query, gallery)
-    dtype = torch.promote_types(query.dtype, gallery.dtype)
-    query, gallery = query.to(dtype), gallery.to(query.device, dtype)
+    """Ranks of the true pairs plus the row maxima and score moments, one block of queries at a time.
+
+    Per block: one matmul into a reused buffer, one comparison, one top-2. The moments of all N(N-1)
+    unmatched scores need no pass over the scores: sum_ij q_i.g_j = (sum_i q_i).(sum_j g_j) and
+    sum_ij (q_i.g_j)^2 = <Q^T Q, G^T G>, both in float64, minus the matched (diagonal) terms."""
+    query, gallery = _pair(query, gallery)
     n = query.shape[0]
-    chunk = max(1, int(chunk))
+    chunk = max(1, min(int(chunk), n))
     rng = np.random.default_rng([seed, n, 7])
     # A random other column per query: (i + offset) mod n with offset in [1, n-1].
-    other = (np.arange(n) + rng.integers(1, n, size=n)) % n
-    other_t = torch.from_numpy(other).to(query.device)
+    other = torch.from_numpy((np.arange(n) + rng.integers(1, n, size=n)) % n).to(query.device)
+    scores_buf = torch.empty(chunk, n, dtype=query.dtype, device=query.device)  # reused: no page faults
+    ge_buf = torch.empty(chunk, n, dtype=torch.bool, device=query.device)
+    gallery_t = gallery.T
     ranks, best, unique, matched, sample = [], [], [], [], []
-    total, total_sq, shift = 0.0, 0.0, None
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         rows = torch.arange(stop - start, device=query.device)
-        scores = query[start:stop] @ gallery.T  # (c, N)
-        true = scores[rows, rows + start]  # (c,)
+        scores = torch.matmul(query[start:stop], gallery_t, out=scores_buf[: stop - start])  # (c, N)
+        true = scores[rows, rows + start].clone()  # (c,)
         # Every item >= the true score, itself included, is 1 + the others that tie or beat it.
-        ranks.append((scores >= true[:, None]).sum(dim=1))
-        top, arg = scores.max(dim=1)
-        best.append(arg)
-        unique.append((scores == top[:, None]).sum(dim=1) == 1)
+        ranks.append(torch.ge(scores, true[:, None], out=ge_buf[: stop - start]).sum(dim=1))
+        top2 = scores.topk(min(2, n), dim=1)
+        best.append(top2.indices[:, 0])
+        unique.append(top2.values[:, 0] > top2.values[:, 1])
         matched.append(true)
-        sample.append(scores[rows, other_t[start:stop]])
-        if shift is None:  # moments about a shift keep E[s^2] - E[s]^2 accurate for large scores
-            shift = float(scores.mean())
-        centred = scores - shift
-        total += float(centred.sum(dim=1).double().sum())
-        total_sq += float((centred * centred).sum(dim=1).double().sum())
+        sample.append(scores[rows, other[start:stop]])
     cat = lambda parts: torch.cat(parts).cpu().numpy()  # noqa: E731
     matched_np = cat(matched).astype(np.float64)
-    m_centred = matched_np - shift
+    q64, g64 = query.double(), gallery.double()
+    total = float(q64.sum(dim=0) @ g64.sum(dim=0)) - matched_np.sum()
+    total_sq = float(((q64.T @ q64) * (g64.T @ g64)).sum()) - (matched_np**2).sum()
     pairs = n * (n - 1)
-    mean_c = (total - m_centred.sum()) / pairs
-    var = max(0.0, (total_sq - (m_centred**2).sum()) / pairs - mean_c**2)
+    mean = total / pairs
+    var = max(0.0, (total_sq - pairs * mean**2) / max(1, pairs - 1))
     return RankPass(
         ranks=cat(ranks).astype(np.int64),
         best=cat(best).astype(np.int64),
         best_unique=cat(unique).astype(bool),
         matched=matched_np,
-        unmatched_mean=float(mean_c + shift),
-        unmatched_sd=float(np.sqrt(var * pairs / max(1, pairs - 1))),
+        unmatched_mean=float(mean),
+        unmatched_sd=float(np.sqrt(var)),
         unmatched_sample=cat(sample).astype(np.float64),
     )
 
@@ -141,10 +148,7 @@ def rank_pass(query, gallery, chunk: int = 2048, seed: int = 0) -> RankPass:
 def retrieval_ranks(query, gallery, chunk: int = 2048) -> np.ndarray:
     """(N,) int64 1-based rank of gallery[i] among all gallery rows for query[i] (dot product,
     ties pessimistic). Computed in blocks of `chunk` queries; never materialises N x N."""
-    query, gallery = _as_tensor(query), _as_tensor(gallery)
-    _check_pair(query, gallery)
-    dtype = torch.promote_types(query.dtype, gallery.dtype)
-    query, gallery = query.to(dtype), gallery.to(query.device, dtype)
+    query, gallery = _pair(query, gallery)
     n = query.shape[0]
     out = []
     for start in range(0, n, max(1, int(chunk))):
@@ -264,10 +268,7 @@ def pool_draws(n: int, pool_size: int, draws: int, seed: int = 0) -> np.ndarray:
 def pooled_ranks(query, gallery, subsets: np.ndarray, chunk: int = 2048) -> np.ndarray:
     """(draws, pool) ranks within each pool: several pools scored in one batched matmul while
     their (pool x pool) score blocks fit BLOCK_ELEMENTS; larger pools go through retrieval_ranks."""
-    query, gallery = _as_tensor(query), _as_tensor(gallery)
-    _check_pair(query, gallery)
-    dtype = torch.promote_types(query.dtype, gallery.dtype)
-    query, gallery = query.to(dtype), gallery.to(query.device, dtype)
+    query, gallery = _pair(query, gallery)
     draws, pool = subsets.shape
     index = torch.from_numpy(np.ascontiguousarray(subsets)).to(query.device)
     per_group = BLOCK_ELEMENTS // (pool * pool)

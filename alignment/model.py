@@ -87,6 +87,10 @@ class ModelConfig:
     loss: str = "clip"  # 'clip' | 'siglip'
     neuro_pca_dim: int = 0  # 0 = z-scoring only
     gene_pca_dim: int = 0  # per gene; 0 = z-scoring only
+    # Sequence mode's input projection: 'shared' (the seed's one Linear for every gene) or 'per_gene'
+    # (each gene its own Linear, so the model can weigh causal genes and silence noise genes before
+    # pooling instead of relying on positions to tell genes apart).
+    gene_projection: str = "shared"
     gene_names: tuple[str, ...] | None = None
     latent_shape: tuple[int, ...] | None = None
 
@@ -155,6 +159,27 @@ class SinusoidalPositionalEncoding(nn.Module):
         return self.dropout(x + self.pe[: x.shape[1]].to(x.dtype))
 
 
+class PerGeneLinear(nn.Module):
+    """(B, G, d_in) -> (B, G, H) with a separate affine map per gene: weight (G, d_in, H), bias (G, H)."""
+
+    def __init__(self, num_genes: int, in_dim: int, out_dim: int):
+        super().__init__()
+        self.in_features, self.out_features = in_dim, out_dim
+        self.weight = nn.Parameter(torch.empty(num_genes, in_dim, out_dim))
+        self.bias = nn.Parameter(torch.zeros(num_genes, out_dim))
+        bound = math.sqrt(6.0 / (in_dim + out_dim))  # xavier-uniform of each gene's (d_in, H) map
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, genes: torch.Tensor) -> torch.Tensor:  # (B, G, d_in)
+        return torch.einsum("bgd,gdh->bgh", genes, self.weight) + self.bias  # (B, G, H)
+
+
+def _gene_input_layer(kind: str, num_genes: int, in_dim: int, hidden_dim: int) -> nn.Module:
+    if kind == "per_gene":
+        return PerGeneLinear(num_genes, in_dim, hidden_dim)
+    return nn.Linear(in_dim, hidden_dim)
+
+
 class GeneSequenceEncoder(nn.Module):
     """(B, G, d_in) -> (B, P), unnormalised: input projection, position, transformer, pooling, LN, head."""
 
@@ -168,10 +193,11 @@ class GeneSequenceEncoder(nn.Module):
         pooling: str,
         projection_dim: int,
         dropout: float,
+        gene_projection: str = "shared",
     ):
         super().__init__()
         self.pooling = pooling
-        self.input_projection = nn.Linear(input_dim, hidden_dim)
+        self.input_projection = _gene_input_layer(gene_projection, num_genes, input_dim, hidden_dim)
         if pooling == "cls":
             self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_dim))
         self.positional_encoding = SinusoidalPositionalEncoding(
@@ -315,6 +341,7 @@ class MultiGeneAlignmentModel(nn.Module):
         *,
         neuro_pca_dim: int = 0,
         gene_pca_dim: int = 0,
+        gene_projection: str = "shared",
         loss: str = "clip",
         gene_names=None,
         latent_shape=None,
@@ -339,6 +366,7 @@ class MultiGeneAlignmentModel(nn.Module):
             loss=loss,
             neuro_pca_dim=int(neuro_pca_dim),
             gene_pca_dim=int(gene_pca_dim),
+            gene_projection=gene_projection,
             gene_names=tuple(str(g) for g in gene_names) if gene_names is not None else None,
             latent_shape=tuple(int(s) for s in latent_shape) if latent_shape is not None else None,
         )
@@ -372,6 +400,7 @@ class MultiGeneAlignmentModel(nn.Module):
                 cfg.transformer_pooling,
                 cfg.projection_dim,
                 cfg.dropout,
+                cfg.gene_projection,
             )
         else:
             self.gene_encoder = nn.Linear(gene_in, cfg.projection_dim, bias=False)
@@ -409,6 +438,7 @@ class MultiGeneAlignmentModel(nn.Module):
             logit_scale_init=config.logit_scale_init,
             neuro_pca_dim=config.neuro_pca_dim,
             gene_pca_dim=config.gene_pca_dim,
+            gene_projection=config.gene_projection,
             loss=config.loss,
             gene_names=config.gene_names,
             latent_shape=config.latent_shape,
@@ -476,7 +506,7 @@ class MultiGeneAlignmentModel(nn.Module):
             in_dim = k or cfg.gene_input_dim
             if cfg.use_transformer:
                 old = self.gene_encoder.input_projection.weight
-                layer = nn.Linear(in_dim, cfg.transformer_hidden_dim)
+                layer = _gene_input_layer(cfg.gene_projection, cfg.num_genes, in_dim, cfg.transformer_hidden_dim)
                 _xavier_init(layer)
                 self.gene_encoder.input_projection = layer.to(device=old.device, dtype=old.dtype)
             else:
@@ -502,7 +532,13 @@ class MultiGeneAlignmentModel(nn.Module):
             self._frontend_ready = bool(fitted)
 
     def _adopt_frontend(self, state_dict, prefix: str) -> None:
-        """Resize the PCA buffers and the encoders' input layers to the state_dict's PCA dims."""
+        """Resize the PCA buffers and the encoders' input layers to the state_dict's PCA dims (and
+        adopt a per-gene input projection), so the seed's constructor call loads any checkpoint."""
+        projection = state_dict.get(prefix + "gene_encoder.input_projection.weight")
+        kind = "per_gene" if projection is not None and projection.dim() == 3 else "shared"
+        if self._config.use_transformer and projection is not None and kind != self._config.gene_projection:
+            self._config = replace(self._config, gene_projection=kind)
+            self._set_gene_pca(self._config.gene_pca_dim, build_encoder=True)
         neuro_pca = state_dict.get(prefix + "neuro_pca")
         k_neuro = int(neuro_pca.shape[-1]) if neuro_pca is not None and neuro_pca.dim() == 2 else 0
         if k_neuro != self._config.neuro_pca_dim:
@@ -709,6 +745,8 @@ def _validate(cfg: ModelConfig) -> None:
         bad(f"loss {cfg.loss!r} is not one of {LOSSES}.")
     if cfg.transformer_pooling not in POOLINGS:
         bad(f"transformer_pooling {cfg.transformer_pooling!r} is not one of {POOLINGS}.")
+    if cfg.gene_projection not in ("shared", "per_gene"):
+        bad(f"gene_projection {cfg.gene_projection!r} is not one of ('shared', 'per_gene').")
     for name in ("neuro_input_dim", "gene_input_dim", "num_genes", "projection_dim"):
         if getattr(cfg, name) < 1:
             bad(f"{name} must be >= 1, got {getattr(cfg, name)}.")

@@ -116,8 +116,14 @@ def _headline_table(rows: list[dict], directions, pool_size: int, n: int) -> str
     return _table(header, body)
 
 
-def comparison_markdown(rows: list[dict], pool_size: int, n: int, reports: list[tuple[str, Path]]) -> str:
-    """The demo's report: one table across evaluations, with links to each evaluation's report."""
+def comparison_markdown(rows: list[dict], pool_size: int, n: int, reports: list[tuple[str, Path]],
+                        base: Path | None = None) -> str:
+    """The demo's report: one table across evaluations, with links to each evaluation's report
+    (relative to `base`, the folder the markdown is written to, when given)."""
+    import os
+
+    if base is not None:
+        reports = [(label, Path(os.path.relpath(Path(path).resolve(), Path(base).resolve()))) for label, path in reports]
     directions = ("neuro_to_gene", "gene_to_neuro")
     lines = [
         "# genealign: models vs baselines vs oracle vs chance",

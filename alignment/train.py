@@ -147,31 +147,6 @@ def _save(path: Path, payload: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def plot_curves(history: list[dict], path: Path) -> None:
-    """curves.png: train/val loss, val top-1 both directions against chance, temperature, per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in history]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    axes[0].plot(epochs, [r["train_loss"] for r in history], label="train")
-    axes[0].plot(epochs, [r["val_loss"] for r in history], label="val")
-    axes[0].set(title="contrastive loss", xlabel="epoch")
-    axes[1].plot(epochs, [r["val_top1_neuro_to_gene"] for r in history], label="neuro -> gene")
-    axes[1].plot(epochs, [r["val_top1_gene_to_neuro"] for r in history], label="gene -> neuro")
-    axes[1].plot(epochs, [r["val_chance_top1"] for r in history], "k--", label="chance")
-    axes[1].set(title=f"val top-1 (pool {history[-1]['val_pool_size']})", xlabel="epoch")
-    axes[2].plot(epochs, [r["temperature"] for r in history])
-    axes[2].set(title="exp(logit_scale) (inverse temperature)", xlabel="epoch")
-    for ax in axes[:2]:
-        ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-
-
 def _frontend_rows(train_rows: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
     if len(train_rows) <= max_rows:
         return train_rows
@@ -413,7 +388,9 @@ def train(
             break
 
     if is_main and history:
-        plot_curves(history, out_dir / "curves.png")
+        from alignment.report import plot_training_curves
+
+        plot_training_curves(history, out_dir / "curves.png")
     if world > 1:
         import torch.distributed as dist
 

@@ -52,11 +52,29 @@ def make_checkpoint(store_path: Path, out: Path, mode: str, gene: str | None = N
     return out
 
 
-def test_sequence_mode_end_to_end(cohort, tmp_path):
+@pytest.fixture(scope="module")
+def sequence_eval(cohort, tmp_path_factory):
+    store, _ = cohort
+    root = tmp_path_factory.mktemp("seq")
+    ckpt = make_checkpoint(store, root / "seq.pt", "sequence")
+    messages = []
+    result = evaluate(EvalConfig(checkpoint=ckpt, store=store, output_dir=root / "eval", **FAST), progress=messages.append)
+    assert any("Scoring oracle" in m for m in messages)
+    return ckpt, result
+
+
+@pytest.fixture(scope="module")
+def single_eval(cohort, tmp_path_factory):
     store, truth = cohort
-    ckpt = make_checkpoint(store, tmp_path / "seq.pt", "sequence")
-    out = tmp_path / "eval"
-    result = evaluate(EvalConfig(checkpoint=ckpt, store=store, output_dir=out, **FAST))
+    root = tmp_path_factory.mktemp("single")
+    ckpt = make_checkpoint(store, root / "single.pt", "single", strongest_gene(truth))
+    return ckpt, evaluate(EvalConfig(checkpoint=ckpt, store=store, output_dir=root / "e", baselines=("cca",), **FAST))
+
+
+def test_sequence_mode_end_to_end(cohort, sequence_eval):
+    store, truth = cohort
+    ckpt, result = sequence_eval
+    out = result.output_dir
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == result.metrics
     view = open_store(store)
@@ -109,11 +127,9 @@ def test_sequence_mode_end_to_end(cohort, tmp_path):
     assert rows[-1]["top1_neuro_to_gene"] == pytest.approx(1 / n)
 
 
-def test_single_mode_uses_its_gene_everywhere(cohort, tmp_path):
-    store, truth = cohort
-    gene = strongest_gene(truth)
-    ckpt = make_checkpoint(store, tmp_path / "single.pt", "single", gene)
-    result = evaluate(EvalConfig(checkpoint=ckpt, store=store, output_dir=tmp_path / "e", baselines=("cca",), **FAST))
+def test_single_mode_uses_its_gene_everywhere(cohort, single_eval):
+    gene = strongest_gene(cohort[1])
+    _, result = single_eval
     metrics = result.metrics
     assert metrics["mode"] == "single" and metrics["gene_names"] == [gene]
     assert metrics["methods_order"] == ["model", "cca", "oracle", "chance"]
@@ -171,6 +187,13 @@ def test_mismatched_checkpoint_and_store_are_clear_errors(cohort, tmp_path):
     with pytest.raises(GenealignError, match=rf"expects 6 genes \(.*\), store .* has 5: missing {missing}"):
         evaluate(EvalConfig(checkpoint=seq, store=fewer, output_dir=tmp_path / "x", **FAST))
 
+    # The other way round is fine: a store with more genes than the checkpoint reads only its genes.
+    small = make_checkpoint(fewer, tmp_path / "small.pt", "sequence")
+    result = evaluate(EvalConfig(checkpoint=small, store=store, output_dir=tmp_path / "ok", baselines="cca", **FAST))
+    assert result.metrics["gene_names"] == list(view.gene_names[:-1])
+    assert result.metrics["methods"]["cca"]["fit"]["genes"] == list(view.gene_names[:-1])
+    assert any(f"does not use ({missing})" in note for note in result.metrics["notes"])
+
     others = [i for i, g in enumerate(view.gene_names) if g != gene]
     no_gene = _copy_store(view, tmp_path / "nogene.zarr", genes_keep=others)
     with pytest.raises(GenealignError, match=rf"single-gene model of {gene}, but store .* has no gene {gene}"):
@@ -197,3 +220,41 @@ def test_resolve_pools():
     assert sizes == [300] and "1000 skipped" in notes[0]
     with pytest.raises(GenealignError, match="at least 2"):
         resolve_pools(("1",), 50)
+
+
+def test_comparison_table_across_evaluations(sequence_eval, single_eval, tmp_path):
+    from alignment.report import comparison_markdown, comparison_rows
+
+    evaluations = [("sequence model", sequence_eval[1].metrics), ("single model", single_eval[1].metrics)]
+    rows, pool, n = comparison_rows(evaluations)
+    names = [r["name"] for r in rows]
+    assert names[0] == "sequence model" and "single model" in names and names[-1] == "chance"
+    assert len(names) == len(set(names))
+    assert pool == n == sequence_eval[1].metrics["n_subjects"]
+    assert all({"top1_neuro_to_gene", "top1_gene_to_neuro", "p_neuro_to_gene", "chance_top1"} <= set(r) for r in rows)
+    reports = [("sequence model", sequence_eval[1].report_path)]
+    text = comparison_markdown(rows, pool, n, reports, base=sequence_eval[1].output_dir.parent)
+    assert "| chance |" in text and "single model" in text and "(eval/report.md)" in text
+
+
+def test_training_curves_plot(tmp_path):
+    from alignment.report import plot_training_curves
+
+    history = [{"epoch": e, "train_loss": 4 - e * 0.1, "val_loss": 4.1 - e * 0.1, "val_top1_neuro_to_gene": 0.01 * e,
+                "val_top1_gene_to_neuro": 0.012 * e, "val_chance_top1": 0.01, "val_pool_size": 100,
+                "lr": 1e-3 / e, "temperature": 14.0 + e} for e in range(1, 6)]
+    path = plot_training_curves(history, tmp_path / "curves.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_external_store_without_train_split_skips_baselines(cohort, sequence_eval, tmp_path):
+    """A checkpoint evaluated on another cohort ingested as all-test: no baselines, a note, no crash."""
+    store, _ = cohort
+    view = open_store(store)
+    neuro, genes = view.read_rows(np.arange(view.n_subjects))
+    external = write_store(tmp_path / "ext.zarr", view.iid, neuro.reshape(-1, *view.latent_shape), genes,
+                           view.gene_names, split_fractions=(0.0, 0.0, 1.0))
+    result = evaluate(EvalConfig(checkpoint=sequence_eval[0], store=external.path, output_dir=tmp_path / "e", **FAST))
+    assert result.metrics["n_subjects"] == view.n_subjects
+    assert result.metrics["methods_order"] == ["model", "chance"]
+    assert any("Baselines skipped" in note for note in result.metrics["notes"])

@@ -81,8 +81,10 @@ def source_values(gdir: Path, gene: str, iid_column="IID") -> dict[str, np.ndarr
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """7 subjects per chunk, so tiny cohorts span several chunks and a partial last one."""
+    """7 subjects per chunk, so tiny cohorts span several chunks and a partial last one; scratch
+    blocks of 2 gene rows / 1 latent, so reads straddle blocks and blocks are deleted as consumed."""
     monkeypatch.setattr(store_module, "chunk_rows_for", lambda row_bytes, **_: 7)
+    monkeypatch.setattr(ingest_module, "SCRATCH_BLOCK_BYTES", 40)
 
 
 # ---------------------------------------------------------------------------------------- round trip
@@ -164,33 +166,35 @@ def test_latent_key_choice(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ join + report
-def test_join_drops_each_reason_and_reports_it(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_join_drops_each_reason_and_reports_it(tmp_path, small_chunks, workers):
     gdir, ldir = tmp_path / "genes", tmp_path / "latents"
-    good = iids_of(6)
-    apoe = good + ["2000001", "2000002", "2000003", "2000004", "2000005", "2000006"]
-    bdnf = good + ["2000001", "2000003", "2000004", "2000005", "2000006"]  # 2000002 missing from BDNF
+    good = iids_of(16)
+    apoe = good + ["10000031", "10000052", "10000073", "10000094", "10000115", "10000136"]
+    bdnf = good + ["10000031", "10000073", "10000094", "10000115", "10000136"]  # 10000052 missing from BDNF
     values = np.random.default_rng(0).normal(size=(len(apoe), DIM)).astype(np.float32)
-    values[apoe.index("2000003"), 1] = np.nan  # NaN in APOE
-    values[apoe.index("2000004"), 2] = np.inf
+    values[apoe.index("10000073"), 1] = np.nan  # NaN in APOE
+    values[apoe.index("10000094"), 2] = np.inf
     write_gene_csv(gdir, "APOE", apoe, values)
     write_gene_csv(gdir, "BDNF", bdnf, seed=1)
-    for iid in good + ["2000002", "2000003", "2000004", "3000001"]:  # 3000001: latent only
-        write_latent(ldir, iid)
-    # 2000001: no latent. 2000005: wrong shape. 2000006: unreadable. 2000007: NaN latent, no CSV row.
-    write_latent(ldir, "2000005", np.zeros((3, 3), np.float32))
-    (ldir / "2000006_latent.npz").write_bytes(b"this is not a zip file")
-    write_latent(ldir, "2000007", np.full(SHAPE, np.nan, np.float32))
+    for iid in good + ["10000052", "10000073", "10000094", "10000018"]:  # 10000018: latent only
+        write_latent(ldir, iid, seed=int(iid))
+    # Dropped IIDs sort between kept ones, so they leave gaps inside chunks and scratch blocks.
+    # 10000031: no latent. 10000115: wrong shape. 10000136: unreadable. 10000157: NaN latent, no CSV row.
+    write_latent(ldir, "10000115", np.zeros((3, 3), np.float32))
+    (ldir / "10000136_latent.npz").write_bytes(b"this is not a zip file")
+    write_latent(ldir, "10000157", np.full(SHAPE, np.nan, np.float32))
 
-    result = ingest(config(gdir, ldir, tmp_path / "s.zarr"))
+    result = ingest(config(gdir, ldir, tmp_path / "s.zarr", workers=workers))
     expected = {
-        "2000001": "no latent",
-        "2000002": "missing from gene BDNF",
-        "2000003": "NaN or inf in gene APOE",
-        "2000004": "NaN or inf in gene APOE",
-        "2000005": "latent of wrong shape",
-        "2000006": "unreadable latent",
-        "2000007": "NaN or inf in latent",
-        "3000001": "in no gene CSV",
+        "10000031": "no latent",
+        "10000052": "missing from gene BDNF",
+        "10000073": "NaN or inf in gene APOE",
+        "10000094": "NaN or inf in gene APOE",
+        "10000115": "latent of wrong shape",
+        "10000136": "unreadable latent",
+        "10000157": "NaN or inf in latent",
+        "10000018": "in no gene CSV",
     }
     assert dict(result.dropped) == expected
     assert result.n_kept == len(good)
@@ -198,14 +202,21 @@ def test_join_drops_each_reason_and_reports_it(tmp_path):
         "no latent": 1, "missing from gene BDNF": 1, "NaN or inf in gene APOE": 2, "latent of wrong shape": 1,
         "unreadable latent": 1, "NaN or inf in latent": 1, "in no gene CSV": 1,
     }
-    assert result.found["latent files"] == 13 and result.found["usable latents"] == 10
-    assert result.found["IIDs in any gene CSV"] == 12 and result.found["IIDs in every gene CSV"] == 11
+    assert result.found["latent files"] == 23 and result.found["usable latents"] == 20
+    assert result.found["IIDs in any gene CSV"] == 22 and result.found["IIDs in every gene CSV"] == 21
     view = open_store(tmp_path / "s.zarr")
     assert view.iid.tolist() == good
     report = view.report()
     assert {e["iid"]: e["reason"] for e in report["dropped"]} == expected
-    assert report["kept"] == len(good) and report["rows_per_gene"] == {"APOE": 12, "BDNF": 11}
-    wrong = next(e for e in report["dropped"] if e["iid"] == "2000005")
+    assert report["kept"] == len(good) and report["rows_per_gene"] == {"APOE": 22, "BDNF": 21}
+    # The kept rows' values survive the gaps the dropped subjects leave in every scratch table.
+    genes = np.asarray(view.genes[:])
+    for g, gene in enumerate(("APOE", "BDNF")):
+        reference = source_values(gdir, gene)
+        np.testing.assert_array_equal(genes[:, g, :], np.stack([reference[i] for i in good]))
+    for row, iid in enumerate(good):
+        np.testing.assert_array_equal(np.asarray(view.neuro[row]), np.load(ldir / f"{iid}_latent.npz")["latent"])
+    wrong = next(e for e in report["dropped"] if e["iid"] == "10000115")
     assert "(3, 3)" in wrong["detail"] and str(SHAPE) in wrong["detail"]
 
 
@@ -292,7 +303,8 @@ def test_non_numeric_value_names_file_line_and_column(tmp_path):
     cells[2] = "abc"  # line 4 as an editor shows it, column e1
     lines[3] = ",".join(cells)
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(GenealignError, match=r"BDNF_brain_gene_embeddingUKB.csv line 4, column 'e1': 'abc' is not a number"):
+    expected = r"BDNF_brain_gene_embeddingUKB.csv line 4, column 'e1': 'abc' is not a number"
+    with pytest.raises(GenealignError, match=expected):
         ingest(config(gdir, ldir, tmp_path / "s.zarr"))
 
 
@@ -308,7 +320,8 @@ def test_embedding_widths_differ(tmp_path):
 def test_duplicate_iid_names_both_lines(tmp_path, workers):
     gdir, ldir = write_cohort(tmp_path, iids_of(4))
     write_gene_csv(gdir, "COMT", ["1000001", "1000002", "1000003", "1000002"], shuffle=False)
-    with pytest.raises(GenealignError, match="COMT_brain_gene_embeddingUKB.csv: IID '1000002' appears twice, on lines 3 and 5"):
+    expected = "COMT_brain_gene_embeddingUKB.csv: IID '1000002' appears twice, on lines 3 and 5"
+    with pytest.raises(GenealignError, match=expected):
         ingest(config(gdir, ldir, tmp_path / "s.zarr", workers=workers))
 
 
@@ -479,7 +492,8 @@ def test_store_summary_and_attrs(tmp_path):
     assert summary["size_on_disk"].endswith("B") and summary["created"]
     attrs = view.attrs
     assert attrs["fingerprints"]["latent_files"]["count"] == 21
-    assert set(attrs["fingerprints"]["gene_files"]) == {f"{g}_brain_gene_embeddingUKB.csv" for g in ("APOE", "BDNF", "COMT")}
+    gene_files = {f"{g}_brain_gene_embeddingUKB.csv" for g in ("APOE", "BDNF", "COMT")}
+    assert set(attrs["fingerprints"]["gene_files"]) == gene_files
     assert attrs["split_fractions"] == [0.8, 0.1, 0.1] and attrs["ingest"]["options"]["dtype"] == "float32"
     assert json.loads((tmp_path / "s.zarr" / "fingerprints.json").read_text())["latent_files"]["7777777_latent.npz"]
     assert view.cohort_truth_path() is None
@@ -512,3 +526,21 @@ def test_float16_overflow_is_an_error(tmp_path):
     write_gene_csv(gdir, "APOE", iids, np.full((3, DIM), 1e6, np.float32), shuffle=False)
     with pytest.raises(GenealignError, match="line 2, column 'e0'.*float16 range.*--dtype float32"):
         ingest(config(gdir, ldir, tmp_path / "s.zarr", dtype="float16"))
+
+
+def test_chunk_writer_matches_zarr_for_plain_and_compressed_arrays(tmp_path):
+    """Chunks written as raw files must read back through zarr exactly, the padded last one too."""
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    group = zarr.open_group(str(tmp_path / "w.zarr"), mode="w", zarr_format=3)
+    data = np.arange(10 * 3 * 4, dtype=np.float32).reshape(10, 3, 4) - 7.5
+    for name, dtype, compressors in (("plain32", "float32", None), ("plain16", "float16", None),
+                                     ("blosc", "float32", BloscCodec(cname="lz4"))):
+        array = group.create_array(name, shape=data.shape, dtype=dtype, chunks=(4, 3, 4), compressors=compressors)
+        write = ingest_module._chunk_writer(array)
+        assert write.__name__ == ("write_via_zarr" if compressors else "write_file")
+        for chunk in range(3):
+            write(chunk, data[chunk * 4:(chunk + 1) * 4].astype(dtype))
+        reread = zarr.open_group(str(tmp_path / "w.zarr"), mode="r")[name][:]
+        np.testing.assert_array_equal(reread, data.astype(dtype))
