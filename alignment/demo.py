@@ -29,6 +29,9 @@ class DemoConfig:
 
     output_dir: Path = Path("data/demo")
     subjects: int = 8000
+    genes: int = 111
+    embedding_dim: int = 256
+    latent_shape: tuple = (3, 15, 18, 15)
     seed: int = 0
     null: bool = False
     # Test split >= 1,000 subjects so "top-1 out of 1,000" is measured on held-out subjects.
@@ -75,12 +78,15 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print, progress=No
     cohort = out / ("cohort_null" if config.null else "cohort")
     store = out / ("cohort_null.zarr" if config.null else "cohort.zarr")
 
-    synth_settings = {"subjects": config.subjects, "seed": config.seed, "null": config.null}
+    synth_settings = {"subjects": config.subjects, "genes": config.genes, "embedding_dim": config.embedding_dim,
+                      "latent_shape": list(config.latent_shape), "seed": config.seed, "null": config.null}
     if _done(cohort, synth_settings):
         log(f"[1/5] cohort {cohort} already generated; reusing it")
     else:
-        log(f"[1/5] generating {config.subjects:,} subjects x 111 genes into {cohort}")
-        res = synthesize(SynthConfig(out_dir=cohort, subjects=config.subjects, seed=config.seed, null=config.null))
+        log(f"[1/5] generating {config.subjects:,} subjects x {config.genes} genes into {cohort}")
+        res = synthesize(SynthConfig(out_dir=cohort, subjects=config.subjects, genes=config.genes,
+                                     embedding_dim=config.embedding_dim, latent_shape=tuple(config.latent_shape),
+                                     seed=config.seed, null=config.null))
         log(f"      {res.n_subjects:,} subjects in {res.seconds:.1f}s")
         _mark(cohort, synth_settings)
 

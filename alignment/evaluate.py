@@ -119,9 +119,9 @@ def resolve_pools(requested, n: int) -> tuple[list[int], list[str]]:
         if size < 2:
             raise GenealignError(f"--pool_sizes: a pool needs at least 2 subjects; got {size}.")
         if size > n:
-            notes.append(f"Pool size {size} skipped: the split has only {n} subjects.")
+            notes.append(f"Pool size {size:,} skipped: the split has only {n:,} subjects.")
         elif size == n:
-            notes.append(f"Pool size {size} is the whole split: reported as 'all'.")
+            notes.append(f"Pool size {size:,} is the whole split: reported as 'all'.")
         elif size not in sizes:
             sizes.append(size)
     return sorted(sizes), notes

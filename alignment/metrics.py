@@ -98,6 +98,13 @@ class RankPass:
     unmatched_sample: np.ndarray  # (N,) float64, one random non-matching pair per query (for plots)
 
 
+def _count_ge(scores: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """Per row of `scores` (..., N), how many entries are >= that row's `true` (...): the rank with
+    pessimistic ties, since the true pair itself counts once. Overwrites `scores` with 1/0 (in place,
+    then a float sum: several times faster than a bool tensor's integer sum; exact below 2**24)."""
+    return scores.ge_(true.unsqueeze(-1)).sum(dim=-1)
+
+
 def rank_pass(query, gallery, chunk: int = 2048, seed: int = 0) -> RankPass:
     """Ranks of the true pairs plus the row maxima and score moments, one block of queries at a time.
 
@@ -111,7 +118,6 @@ def rank_pass(query, gallery, chunk: int = 2048, seed: int = 0) -> RankPass:
     # A random other column per query: (i + offset) mod n with offset in [1, n-1].
     other = torch.from_numpy((np.arange(n) + rng.integers(1, n, size=n)) % n).to(query.device)
     scores_buf = torch.empty(chunk, n, dtype=query.dtype, device=query.device)  # reused: no page faults
-    ge_buf = torch.empty(chunk, n, dtype=torch.bool, device=query.device)
     gallery_t = gallery.T
     ranks, best, unique, matched, sample = [], [], [], [], []
     for start in range(0, n, chunk):
@@ -119,13 +125,12 @@ def rank_pass(query, gallery, chunk: int = 2048, seed: int = 0) -> RankPass:
         rows = torch.arange(stop - start, device=query.device)
         scores = torch.matmul(query[start:stop], gallery_t, out=scores_buf[: stop - start])  # (c, N)
         true = scores[rows, rows + start].clone()  # (c,)
-        # Every item >= the true score, itself included, is 1 + the others that tie or beat it.
-        ranks.append(torch.ge(scores, true[:, None], out=ge_buf[: stop - start]).sum(dim=1))
-        top2 = scores.topk(min(2, n), dim=1)
+        top2 = scores.topk(2, dim=1)
         best.append(top2.indices[:, 0])
         unique.append(top2.values[:, 0] > top2.values[:, 1])
         matched.append(true)
         sample.append(scores[rows, other[start:stop]])
+        ranks.append(_count_ge(scores, true))
     cat = lambda parts: torch.cat(parts).cpu().numpy()  # noqa: E731
     matched_np = cat(matched).astype(np.float64)
     q64, g64 = query.double(), gallery.double()
@@ -155,8 +160,7 @@ def retrieval_ranks(query, gallery, chunk: int = 2048) -> np.ndarray:
         stop = min(n, start + max(1, int(chunk)))
         rows = torch.arange(stop - start, device=query.device)
         scores = query[start:stop] @ gallery.T  # (c, N)
-        true = scores[rows, rows + start]  # (c,)
-        out.append((scores >= true[:, None]).sum(dim=1))
+        out.append(_count_ge(scores, scores[rows, rows + start].clone()))
     return torch.cat(out).cpu().numpy().astype(np.int64)
 
 
@@ -278,8 +282,8 @@ def pooled_ranks(query, gallery, subsets: np.ndarray, chunk: int = 2048) -> np.n
     for start in range(0, draws, per_group):
         rows = index[start : start + per_group]  # (b, pool)
         scores = torch.bmm(query[rows], gallery[rows].transpose(1, 2))  # (b, pool, pool)
-        true = torch.diagonal(scores, dim1=1, dim2=2)  # (b, pool)
-        out.append((scores >= true[:, :, None]).sum(dim=2))
+        true = torch.diagonal(scores, dim1=1, dim2=2).clone()  # (b, pool)
+        out.append(_count_ge(scores, true))
     return torch.cat(out).cpu().numpy().astype(np.int64)
 
 

@@ -38,7 +38,7 @@ def _ci(ci, fmt=_num) -> str:
 
 
 def _p(p) -> str:
-    return "—" if p is None else (f"{p:.2g}" if p >= 0.001 else f"{p:.1e}")
+    return "—" if p is None else f"{p:.2g}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -353,9 +353,11 @@ def plot_training_curves(history: list[dict], path: Path) -> Path:
     ax.set_title(f"val top-1 (pool {pool:,})" if isinstance(pool, int) else "val top-1")
     ax.legend(fontsize=8)
     ax = axes[1][0]
-    ax.plot(epochs, series("lr"))
+    lrs = series("lr")
+    ax.plot(epochs, lrs)
     ax.set_title("learning rate")
-    ax.set_yscale("log")
+    if len({v for v in lrs if v == v and v > 0}) > 1:  # a log axis needs two distinct positive values
+        ax.set_yscale("log")
     ax = axes[1][1]
     ax.plot(epochs, series("temperature"))
     ax.set_title("exp(logit_scale)")

@@ -81,7 +81,7 @@ def test_sequence_mode_end_to_end(cohort, sequence_eval):
     n = len(view.indices("test"))
     assert metrics["split"] == "test" and metrics["n_subjects"] == n and metrics["mode"] == "sequence"
     assert metrics["pool_sizes"] == [40, n] and metrics["pool_keys"] == ["40", "all"]
-    assert any("100000 skipped" in note for note in metrics["notes"])
+    assert any("100,000 skipped" in note for note in metrics["notes"])
     assert metrics["methods_order"] == ["model", "cca", "pls", "oracle", "chance"]
     for method in metrics["methods_order"]:
         figures = metrics["methods"][method]
@@ -217,7 +217,7 @@ def test_resolve_pools():
     sizes, notes = resolve_pools(("300", 1000, "all"), 1000)
     assert sizes == [300] and "whole split" in notes[0]
     sizes, notes = resolve_pools(("300", "1000"), 500)
-    assert sizes == [300] and "1000 skipped" in notes[0]
+    assert sizes == [300] and "1,000 skipped" in notes[0]
     with pytest.raises(GenealignError, match="at least 2"):
         resolve_pools(("1",), 50)
 

@@ -168,7 +168,7 @@ def test_ddp_two_processes_match_one_process(store, tmp_path, accum):
     """torchrun with 2 gloo processes of batch B == 1 process of batch 2B (same global batches)."""
     common = ["--store", str(store), "--mode", "sequence", "--num_epochs", "2", "--learning_rate", "3e-3",
               "--projection_dim", "16", "--transformer_hidden_dim", "16", "--transformer_num_layers", "1",
-              "--transformer_num_heads", "2", "--dropout", "0", "--neuro_pca_dim", "8", "--gene_pca_dim", "4",
+              "--transformer_num_heads", "2", "--dropout", "0", "--gene_projection", "per_gene", "--neuro_pca_dim", "8", "--gene_pca_dim", "4",
               "--data_placement", "memory", "--device", "cpu", "--seed", "7",
               "--gradient_accumulation_steps", str(accum)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -190,5 +190,5 @@ def test_ddp_two_processes_match_one_process(store, tmp_path, accum):
             # noise is all Adam sees and normalises to full-size steps; it cannot change any output.
             h = one_value.shape[0] // 3
             one_value, two_value = torch.cat([one_value[:h], one_value[2 * h :]]), torch.cat([two_value[:h], two_value[2 * h :]])
-        assert torch.allclose(one_value, two_value, atol=1e-5, rtol=1e-4), k
+        assert torch.allclose(one_value, two_value, atol=1e-4, rtol=1e-4), k
     assert math.isclose(a["val_metrics"]["train_loss"], b["val_metrics"]["train_loss"], rel_tol=1e-4)
