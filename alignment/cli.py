@@ -345,28 +345,31 @@ def _store_for_training(store, gene_embedding_dir, brain_latent_dir, iid_column,
 
 # ------------------------------------------------------------------------------------------ evaluate
 def _print_rows(rows: list[dict], pool_size: int, n: int, title: str) -> None:
-    """Rich version of report.md's headline table: pool, both directions, CIs, p-values, chance."""
-    table = Table(title=title, header_style="bold", show_lines=False)
-    table.add_column("method")
-    for direction in ("neuro_to_gene", "gene_to_neuro"):
-        arrow = "neuro→gene" if direction == "neuro_to_gene" else "gene→neuro"
-        table.add_column(f"top-1 {arrow}\npool {pool_size:,} [95% CI]", justify="right")
-        table.add_column(f"top-1 {arrow}\nall {n:,} [95% CI]", justify="right")
-        table.add_column(f"p {arrow}", justify="right")
+    """Rich version of report.md's headline table: top-1 with 95% intervals in both directions at the
+    headline pool, the whole split's figures when that is a different pool, permutation p-values."""
+    directions = {"neuro_to_gene": "neuro→gene", "gene_to_neuro": "gene→neuro"}
+    whole_too = pool_size != n
+    table = Table(title=title, header_style="bold", caption=f"pool = {pool_size:,} subjects; [95% CI]; "
+                  f"p = permutation p-value of whole-split top-1 (N = {n:,})")
+    table.add_column("method", overflow="fold")
+    for arrow in directions.values():
+        table.add_column(f"{arrow}\npool {pool_size:,}", justify="right")
+        if whole_too:
+            table.add_column(f"{arrow}\nall {n:,}", justify="right")
+        table.add_column("p", justify="right")
 
     def fmt(value, ci=None) -> str:
-        if value is None:
-            return "—"
         text = f"{value:.3f}"
-        return text + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+        return text + (f"\n[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
     for row in rows:
         cells = [f"[bold]{row['name']}[/bold]" if row["method"] == "model" else row["name"]]
-        for direction in ("neuro_to_gene", "gene_to_neuro"):
+        for direction in directions:
             p = row.get(f"p_{direction}")
-            cells += [fmt(row[f"top1_{direction}"], row.get(f"ci_{direction}")),
-                      fmt(row[f"top1_all_{direction}"], row.get(f"ci_all_{direction}")),
-                      "—" if p is None else (f"{p:.3g}")]
+            cells.append(fmt(row[f"top1_{direction}"], row.get(f"ci_{direction}")))
+            if whole_too:
+                cells.append(fmt(row[f"top1_all_{direction}"], row.get(f"ci_all_{direction}")))
+            cells.append("—" if p is None else f"{p:.2g}")
         table.add_row(*cells)
     console.print(table)
 

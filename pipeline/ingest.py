@@ -135,6 +135,18 @@ class IngestResult:
     split_counts: dict[str, int] = field(default_factory=dict)
     phase_seconds: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def dropped_by_kind(self) -> dict[str, int]:
+        """`dropped_by_reason` with gene names folded ("missing from gene X" -> "missing from a gene
+        CSV"): one line per kind for a summary table, however many genes there are."""
+        kinds: Counter = Counter()
+        for reason, count in self.dropped_by_reason.items():
+            for prefix in ("missing from gene ", "NaN or inf in gene "):
+                if reason.startswith(prefix):
+                    reason = prefix.replace("gene ", "a gene CSV")
+            kinds[reason] += count
+        return dict(kinds.most_common())
+
 
 def get_all_gene_names(gene_embedding_dir: str | Path) -> list[str]:
     """Sorted names of the genes with a `{GENE}_brain_gene_embeddingUKB.csv` in the directory."""

@@ -118,3 +118,48 @@ def test_train_unknown_gene_lists_available(tmp_path):
 
 def test_missing_store(tmp_path):
     assert_one_line_error(run("info", "--store", tmp_path / "none.zarr"), "does not exist")
+
+
+def test_synth_ingest_train_evaluate_through_the_cli(tmp_path):
+    cohort, store, run_dir = tmp_path / "cohort", tmp_path / "s.zarr", tmp_path / "run"
+    result = run("synth", cohort, "--subjects", "300", "--genes", "6", "--embedding-dim", "8", "--latent_shape", "2,4,4,4", "--seed", "1")
+    assert result.exit_code == 0, result.output
+    assert (cohort / "truth.json").exists()
+    result = run("ingest", "--gene_embedding_dir", cohort / "gene_embeddings", "--brain_latent_dir", cohort / "brain_latent",
+                 "--store", store, "--split_fractions", "0.5,0.2,0.3", "--workers", "1")
+    assert result.exit_code == 0, result.output
+    result = run("train", "--store", store, "--mode", "sequence", "--output_dir", run_dir, "--num_epochs", "2",
+                 "--batch_size", "32", "--projection_dim", "8", "--transformer_hidden_dim", "8",
+                 "--transformer_num_layers", "1", "--transformer_num_heads", "2", "--neuro_pca_dim", "4",
+                 "--gene_pca_dim", "4", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "Best epoch" in text and "pool of" in text and "chance" in text
+    result = run("train", "--store", store, "--mode", "sequence", "--output_dir", run_dir, "--resume", run_dir,
+                 "--num_epochs", "3", "--batch_size", "32", "--projection_dim", "8", "--transformer_hidden_dim", "8",
+                 "--transformer_num_layers", "1", "--transformer_num_heads", "2", "--neuro_pca_dim", "4",
+                 "--gene_pca_dim", "4", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
+    result = run("evaluate", "--checkpoint", run_dir / "best_model.pt", "--store", store, "--output_dir", tmp_path / "eval",
+                 "--pool_sizes", "50,all", "--draws", "3", "--bootstrap", "20", "--permutations", "20")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    for needle in ("oracle", "PCA+CCA", "PCA+PLS", "chance", "neuro→gene", "gene→neuro", "pool 88"):
+        assert needle in text, needle
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["pool_sizes"][0] == 50 and metrics["split"] == "test"
+
+
+def test_evaluate_on_a_store_with_other_genes_is_a_clear_error(tmp_path):
+    gdir, ldir = write_cohort(tmp_path, iids=tuple(str(1000000 + i) for i in range(60)))
+    assert run(*ingest_args(gdir, ldir, tmp_path / "s.zarr", "--split_fractions", "0.6,0.2,0.2")).exit_code == 0
+    result = run("train", "--store", tmp_path / "s.zarr", "--mode", "single", "--single_gene_name", "APOE",
+                 "--output_dir", tmp_path / "run", "--num_epochs", "1", "--batch_size", "8", "--projection_dim", "4",
+                 "--neuro_pca_dim", "0", "--gene_pca_dim", "0", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    gdir2, ldir2 = write_cohort(tmp_path / "other", iids=tuple(str(1000000 + i) for i in range(60)), genes=("BDNF",))
+    assert run(*ingest_args(gdir2, ldir2, tmp_path / "o.zarr")).exit_code == 0
+    result = run("evaluate", "--checkpoint", tmp_path / "run" / "best_model.pt", "--store", tmp_path / "o.zarr",
+                 "--output_dir", tmp_path / "e")
+    assert_one_line_error(result, "APOE")

@@ -202,6 +202,10 @@ def test_join_drops_each_reason_and_reports_it(tmp_path, small_chunks, workers):
         "no latent": 1, "missing from gene BDNF": 1, "NaN or inf in gene APOE": 2, "latent of wrong shape": 1,
         "unreadable latent": 1, "NaN or inf in latent": 1, "in no gene CSV": 1,
     }
+    assert result.dropped_by_kind == {
+        "NaN or inf in a gene CSV": 2, "no latent": 1, "missing from a gene CSV": 1, "latent of wrong shape": 1,
+        "unreadable latent": 1, "NaN or inf in latent": 1, "in no gene CSV": 1,
+    }
     assert result.found["latent files"] == 23 and result.found["usable latents"] == 20
     assert result.found["IIDs in any gene CSV"] == 22 and result.found["IIDs in every gene CSV"] == 21
     view = open_store(tmp_path / "s.zarr")
