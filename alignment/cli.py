@@ -156,7 +156,7 @@ def _print_ingest(result) -> None:
     for key, value in result.found.items():
         table.add_row(f"found: {key}", f"{value:,}")
     table.add_row("[bold]kept (paired)[/bold]", f"[bold]{result.n_kept:,}[/bold]")
-    for reason, count in sorted(result.dropped_by_reason.items(), key=lambda kv: -kv[1]):
+    for reason, count in result.dropped_by_kind.items():  # per-gene detail is in ingest_report.json
         table.add_row(f"dropped: {reason}", f"{count:,}")
     console.print(table)
     console.print(

@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from alignment.evaluate import embed_model
 from alignment.metrics import val_retrieval
 from alignment.model import ModelConfig, MultiGeneAlignmentModel
 from alignment.step import contrastive_step
@@ -115,23 +116,6 @@ def _init_distributed(device_name: str) -> tuple[int, int, int]:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     return dist.get_rank(), dist.get_world_size(), local_rank
-
-
-def _embed(model, store, rows, gene_index, device, batch_size) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised features of `rows`, read from the store in slices: (n, P), (n, P) float32 on CPU."""
-    neuro_parts, gene_parts = [], []
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            neuro, genes = store.read_rows(rows[start : start + batch_size])  # (b, V), (b, G, D)
-            if gene_index is not None:
-                genes = genes[:, gene_index]  # (b, D)
-            neuro_t = torch.from_numpy(neuro).to(device)
-            genes_t = torch.from_numpy(np.ascontiguousarray(genes)).to(device)
-            neuro_parts.append(model.encode_neuro(neuro_t).float().cpu())
-            gene_parts.append(model.encode_gene(genes_t).float().cpu())
-    model.train()
-    return torch.cat(neuro_parts), torch.cat(gene_parts)
 
 
 def _val_loss(model, neuro_f, gene_f, pool: int) -> float:
@@ -328,10 +312,12 @@ def train(
         # Validation on rank 0 only; the stop decision is broadcast so all ranks leave together.
         stop = torch.zeros(1, device=device)
         if is_main:
-            neuro_f, gene_f = _embed(model, store, val_rows, gene_index, device, config.eval_batch_size)
+            gene_indices = [gene_index] if gene_index is not None else list(range(store.n_genes))
+            neuro_f, gene_f = embed_model(model, store, val_rows, gene_indices, config.mode, device, config.eval_batch_size)
+            model.train()
             val = val_retrieval(neuro_f, gene_f)
             with torch.no_grad():
-                val["loss"] = _val_loss(model, neuro_f.to(device), gene_f.to(device), min(global_batch, len(val_rows)))
+                val["loss"] = _val_loss(model, neuro_f, gene_f, min(global_batch, len(val_rows)))
             row = {
                 "epoch": epoch,
                 "train_loss": float(np.mean(losses)) if losses else float("nan"),

@@ -198,6 +198,8 @@ def measure_compressors(work_dir: Path, subjects: int, genes: int) -> None:
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
         print(f"{name:<12} {n_bytes / write_s / 1e9:>10.2f} {n_bytes / read_s / 1e9:>10.2f} {n_bytes / size:>10.3f}")
         shutil.rmtree(path)
+    for leftover in ("compress_cohort", "compress_src.zarr"):
+        shutil.rmtree(work_dir / leftover, ignore_errors=True)
 
 
 def _sample_blocks(work_dir: Path, c: int, genes: int, latent_shape, dim: int):

@@ -107,6 +107,9 @@ _NA_STRINGS = frozenset(
 # ------------------------------------------------------------------------------------------ public API
 @dataclass(frozen=True)
 class IngestConfig:
+    """What `ingest` reads and writes. workers > 1 starts spawn processes, so a script calling
+    `ingest` with workers > 1 needs the usual `if __name__ == "__main__":` guard (the CLI has it)."""
+
     gene_embedding_dir: Path
     brain_latent_dir: Path
     store: Path
@@ -121,6 +124,8 @@ class IngestConfig:
 
 @dataclass
 class IngestResult:
+    """What `ingest` did (or found already done: reused=True); the CLI prints it."""
+
     store: Path
     reused: bool
     n_kept: int
