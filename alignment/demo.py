@@ -77,9 +77,10 @@ def _mark(path: Path, settings: dict) -> None:
 
 
 def run_demo(config: DemoConfig, log: Callable[[str], None] = print, progress=None) -> DemoResult:
-    out = Path(config.output_dir)
-    cohort = out / ("cohort_null" if config.null else "cohort")
-    store = out / ("cohort_null.zarr" if config.null else "cohort.zarr")
+    # The null cohort's runs and report live in their own folder so they never replace the real ones.
+    out = Path(config.output_dir) / ("null" if config.null else "")
+    cohort = out / "cohort"
+    store = out / "cohort.zarr"
 
     synth_settings = {"subjects": config.subjects, "genes": config.genes, "embedding_dim": config.embedding_dim,
                       "latent_shape": list(config.latent_shape), "seed": config.seed, "null": config.null}
