@@ -16,3 +16,13 @@ __all__ = [
     "open_store",
     "write_store",
 ]
+
+
+def __getattr__(name: str):
+    # `from pipeline import MultiGeneNeuroDataset` (the seed's import) without importing torch for
+    # every `import pipeline`.
+    if name == "MultiGeneNeuroDataset":
+        from pipeline.dataset import MultiGeneNeuroDataset
+
+        return MultiGeneNeuroDataset
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -184,3 +184,10 @@ def test_from_store_and_split(tmp_path):
 def test_get_all_gene_names(sources):
     gene_dir, _ = sources
     assert MultiGeneNeuroDataset.get_all_gene_names(gene_dir) == GENES
+
+
+def test_seed_style_imports():
+    from alignment import MultiGeneAlignmentModel as Model
+    from pipeline import MultiGeneNeuroDataset as Dataset
+
+    assert Dataset is MultiGeneNeuroDataset and Model.__name__ == "MultiGeneAlignmentModel"
