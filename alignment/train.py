@@ -201,10 +201,8 @@ def train(
         )
 
     model = build_model(model_config, store, gene_names)
-    neuro_fit, genes_fit = store.read_rows(_frontend_rows(train_rows, config.frontend_max_rows, config.seed))
-    if gene_index is not None:
-        genes_fit = genes_fit[:, gene_index]
-    model.fit_frontend(torch.from_numpy(neuro_fit), torch.from_numpy(np.ascontiguousarray(genes_fit)))
+    neuro_fit, genes_fit = store.read_rows(_frontend_rows(train_rows, config.frontend_max_rows, config.seed), gene_index)
+    model.fit_frontend(torch.from_numpy(neuro_fit), torch.from_numpy(genes_fit))
     del neuro_fit, genes_fit
     model.to(device)
 

@@ -46,15 +46,13 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from zarr.core.buffer.cpu import NDBuffer
 
 from pipeline.errors import GenealignError
-from pipeline.store import StoreView
+from pipeline.store import StoreView, gene_shape, read_into, row_blocks
 
 PLACEMENTS = ("auto", "device", "memory", "stream")
 # Bytes zarr is asked for in one call when loading a split: a few chunks, read concurrently by zarr.
 # Larger spans measured slower (fresh large temporaries page-fault), and they cost host memory.
-READ_SPAN_BYTES = 16 << 20
 # Pinned host buffers for 'memory' on CUDA: a buffer is reused only after its copy has finished.
 PINNED_RING = 3
 
@@ -82,53 +80,6 @@ class FeatureStats:
 # Reading rows from the store
 
 
-def _row_blocks(store: StoreView, rows: np.ndarray, gene_index: int | None = None, span_bytes=READ_SPAN_BYTES):
-    """Yield (positions, neuro (m, V), genes (m, G, D) or (m, D)) in the store's dtype, covering `rows`.
-
-    `positions` index into `rows`. Reads whole chunks, consecutive chunks together up to `span_bytes`
-    per call (zarr reads the chunks of one call concurrently), each chunk once."""
-    rows = np.asarray(rows, dtype=np.int64)
-    if len(rows) == 0:
-        return
-    if rows.min() < 0 or rows.max() >= store.n_subjects:
-        raise GenealignError(
-            f"Row indices must lie in [0, {store.n_subjects}) for store {store.path}; got "
-            f"{rows.min()}..{rows.max()}."
-        )
-    c = store.chunk_rows
-    row_bytes = (store.neuro_dim + store.n_genes * store.embedding_dim) * np.dtype(store.dtype).itemsize
-    chunks_per_span = max(1, span_bytes // max(1, row_bytes * c))
-    order = np.argsort(rows, kind="stable")
-    sorted_rows = rows[order]
-    chunk_of = sorted_rows // c
-    chunks = np.unique(chunk_of)
-    # Runs of consecutive chunks, cut every `chunks_per_span` chunks.
-    breaks = np.flatnonzero((np.diff(chunks) != 1) | (np.arange(1, len(chunks)) % chunks_per_span == 0)) + 1
-    # Span buffers reused from span to span: the blocks yielded are copies taken from them.
-    span_rows = min(int(chunks_per_span) * c, store.n_subjects)
-    buffer_neuro = np.empty((span_rows, *store.latent_shape), dtype=store.dtype)
-    buffer_genes = np.empty((span_rows, *_gene_shape(store, gene_index)), dtype=store.dtype)
-    for span in np.split(chunks, breaks):
-        lo, hi = int(span[0]) * c, min(int(span[-1] + 1) * c, store.n_subjects)
-        a, b = np.searchsorted(sorted_rows, [lo, hi])
-        local = sorted_rows[a:b] - lo
-        _read_into(store.neuro, slice(lo, hi), buffer_neuro[: hi - lo])
-        gene_selection = slice(lo, hi) if gene_index is None else (slice(lo, hi), gene_index)
-        _read_into(store.genes, gene_selection, buffer_genes[: hi - lo])
-        neuro = np.take(buffer_neuro.reshape(span_rows, -1), local, axis=0)  # (m, V)
-        genes = np.take(buffer_genes, local, axis=0)  # (m, G, D) | (m, D)
-        yield order[a:b], neuro, genes
-
-
-def _read_into(array, selection, out: np.ndarray) -> None:
-    """array[selection] written into `out` (same shape and dtype) without a temporary array."""
-    array.get_basic_selection(selection, out=NDBuffer.from_numpy_array(out))
-
-
-def _gene_shape(store: StoreView, gene_index: int | None) -> tuple[int, ...]:
-    return (store.n_genes, store.embedding_dim) if gene_index is None else (store.embedding_dim,)
-
-
 def _check_gene_index(store: StoreView, gene_index: int | None) -> None:
     if gene_index is not None and not 0 <= gene_index < store.n_genes:
         raise GenealignError(
@@ -137,24 +88,12 @@ def _check_gene_index(store: StoreView, gene_index: int | None) -> None:
         )
 
 
-def _read_host(store: StoreView, rows, gene_index=None, dtype=None) -> tuple[np.ndarray, np.ndarray]:
-    """(neuro (n, V), genes (n, G, D)|(n, D)) in `dtype` (default: the store's), rows in the given order."""
-    rows = np.asarray(rows, dtype=np.int64)
-    dtype = np.dtype(dtype or store.dtype)
-    neuro = np.empty((len(rows), store.neuro_dim), dtype=dtype)
-    genes = np.empty((len(rows), *_gene_shape(store, gene_index)), dtype=dtype)
-    for positions, neuro_block, genes_block in _row_blocks(store, rows, gene_index):
-        neuro[positions] = neuro_block
-        genes[positions] = genes_block
-    return neuro, genes
-
-
 def read_tensors(store: StoreView, rows, device, gene_index: int | None = None):
     """Rows as float32 tensors on `device`: neuro (n, V) and genes (n, G, D), or (n, D) for one gene.
 
     For validation and evaluation; reads whole chunks in order, each chunk once."""
     _check_gene_index(store, gene_index)
-    neuro, genes = _read_host(store, rows, gene_index, dtype=np.float32)
+    neuro, genes = store.read_rows(rows, gene_index, dtype=np.float32)
     device = torch.device(device)
     return torch.from_numpy(neuro).to(device), torch.from_numpy(genes).to(device)
 
@@ -170,7 +109,7 @@ def feature_stats(store: StoreView, rows) -> FeatureStats:
     if len(rows) == 0:
         raise GenealignError(f"feature_stats needs at least one row of store {store.path}; got none.")
     moments = {"neuro": [0, 0.0, 0.0], "genes": [0, 0.0, 0.0]}  # name -> [count, mean, M2]
-    for _, neuro, genes in _row_blocks(store, rows):
+    for _, neuro, genes in row_blocks(store, rows):
         for name, block in (("neuro", neuro), ("genes", genes)):
             block = block.astype(np.float64)
             m = block.shape[0]
@@ -303,7 +242,7 @@ class BatchLoader:
                 f"{n} rows of store {store.path} make no full batch of {global_batch} "
                 f"(batch_size {config.batch_size} x {self.world_size} processes); lower the batch size."
             )
-        self.gene_shape = _gene_shape(store, gene_index)
+        self.gene_shape = gene_shape(store, gene_index)
         itemsize = np.dtype(store.dtype).itemsize
         self.nbytes = n * (store.neuro_dim + int(np.prod(self.gene_shape))) * itemsize
         self.placement = resolve_placement(config.placement, self.device, self.nbytes, config.memory_fraction)
@@ -356,7 +295,7 @@ class BatchLoader:
         self._neuro = torch.empty((n, self.store.neuro_dim), dtype=dtype, device=self.device)
         self._genes = torch.empty((n, int(np.prod(self.gene_shape))), dtype=dtype, device=self.device)
         # Block by block, so host memory never holds more than one read span.
-        for positions, neuro, genes in _row_blocks(self.store, self.rows, self.gene_index):
+        for positions, neuro, genes in row_blocks(self.store, self.rows, self.gene_index):
             index = torch.from_numpy(positions).to(self.device)
             self._neuro.index_copy_(0, index, torch.from_numpy(neuro).to(self.device))
             self._genes.index_copy_(0, index, torch.from_numpy(genes.reshape(len(genes), -1)).to(self.device))
@@ -380,7 +319,7 @@ class BatchLoader:
         # Pageable, not pinned: batches are gathered on the CPU into small pinned buffers, and only
         # those need pinning for asynchronous copies. (Pinning the whole split would briefly double
         # it in RAM, and torch's pinned allocator rounds sizes up to a power of two.)
-        neuro, genes = _read_host(self.store, self.rows, self.gene_index)
+        neuro, genes = self.store.read_rows(self.rows, self.gene_index, dtype=self.store.dtype)
         self._neuro, self._genes = neuro, genes.reshape(len(genes), -1)  # (n, V), (n, G*D) | (n, D)
 
     def _memory_batches(self, batches):
@@ -458,9 +397,9 @@ class BatchLoader:
                     for slot, chunk in enumerate(chunks.tolist()):
                         lo, hi = chunk * c, min((chunk + 1) * c, store.n_subjects)
                         at = slice(slot * c, slot * c + hi - lo)
-                        _read_into(store.neuro, slice(lo, hi), buffer_neuro[at])
+                        read_into(store.neuro, slice(lo, hi), buffer_neuro[at])
                         genes_at = slice(lo, hi) if self.gene_index is None else (slice(lo, hi), self.gene_index)
-                        _read_into(store.genes, genes_at, buffer_genes[at])
+                        read_into(store.genes, genes_at, buffer_genes[at])
                     at = np.searchsorted(chunks, rows // c) * c + rows % c  # (m,) buffer row of each row
                     neuro = np.take(buffer_neuro.reshape(len(buffer_neuro), -1), at, axis=0)  # (m, V)
                     genes = np.take(buffer_genes.reshape(len(buffer_genes), -1), at, axis=0)  # (m, G*D) | (m, D)

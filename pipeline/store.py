@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.core.buffer.cpu import NDBuffer
 
 from pipeline.atomic import recover_dir
 from pipeline.errors import GenealignError, GeneNotFoundError
@@ -33,6 +34,8 @@ DEFAULT_SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 # Salt of the split hash: changing it would move subjects between splits, so it is part of the schema.
 SPLIT_SALT = "genealign-split-v1"
 REPORT_NAME = "ingest_report.json"
+# Bytes of consecutive chunks read per zarr call (zarr reads the chunks of one call concurrently).
+READ_SPAN_BYTES = 16 << 20
 
 
 def split_fractions_valid(fractions) -> tuple[float, float, float]:
@@ -121,25 +124,15 @@ class StoreView:
             f"Available genes: {', '.join(self.gene_names)}"
         )
 
-    def read_rows(self, rows) -> tuple[np.ndarray, np.ndarray]:
-        """Rows as float32: neuro (n, V) flattened, genes (n, G, D). Reads whole chunks, in order."""
+    def read_rows(self, rows, gene_index: int | None = None, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+        """Rows in the given order: neuro (n, V) flattened, genes (n, G, D), or (n, D) with
+        `gene_index`; each chunk read once (see `row_blocks`)."""
         rows = np.asarray(rows, dtype=np.int64)
-        neuro = np.empty((len(rows), self.neuro_dim), dtype=np.float32)
-        genes = np.empty((len(rows), self.n_genes, self.embedding_dim), dtype=np.float32)
-        if len(rows) == 0:
-            return neuro, genes
-        order = np.argsort(rows, kind="stable")
-        sorted_rows = rows[order]
-        c = self.chunk_rows
-        chunk_ids = sorted_rows // c
-        for chunk in np.unique(chunk_ids):
-            sel = np.flatnonzero(chunk_ids == chunk)
-            lo, hi = int(chunk) * c, min(int(chunk + 1) * c, self.n_subjects)
-            local = sorted_rows[sel] - lo
-            block_n = np.asarray(self.neuro[lo:hi]).reshape(hi - lo, -1)
-            block_g = np.asarray(self.genes[lo:hi])
-            neuro[order[sel]] = block_n[local]
-            genes[order[sel]] = block_g[local]
+        neuro = np.empty((len(rows), self.neuro_dim), dtype=dtype)
+        genes = np.empty((len(rows), *gene_shape(self, gene_index)), dtype=dtype)
+        for positions, neuro_block, genes_block in row_blocks(self, rows, gene_index):
+            neuro[positions] = neuro_block
+            genes[positions] = genes_block
         return neuro, genes
 
     def read_split(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -162,6 +155,53 @@ class StoreView:
                 if candidate.exists():
                     return candidate
         return None
+
+
+def row_blocks(store: StoreView, rows: np.ndarray, gene_index: int | None = None, span_bytes=READ_SPAN_BYTES):
+    """Yield (positions, neuro (m, V), genes (m, G, D) or (m, D)) in the store's dtype, covering `rows`.
+
+    `positions` index into `rows`. Reads whole chunks, consecutive chunks together up to `span_bytes`
+    per call (zarr reads the chunks of one call concurrently), each chunk once."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) == 0:
+        return
+    if rows.min() < 0 or rows.max() >= store.n_subjects:
+        raise GenealignError(
+            f"Row indices must lie in [0, {store.n_subjects}) for store {store.path}; got "
+            f"{rows.min()}..{rows.max()}."
+        )
+    c = store.chunk_rows
+    row_bytes = (store.neuro_dim + store.n_genes * store.embedding_dim) * np.dtype(store.dtype).itemsize
+    chunks_per_span = max(1, span_bytes // max(1, row_bytes * c))
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    chunk_of = sorted_rows // c
+    chunks = np.unique(chunk_of)
+    # Runs of consecutive chunks, cut every `chunks_per_span` chunks.
+    breaks = np.flatnonzero((np.diff(chunks) != 1) | (np.arange(1, len(chunks)) % chunks_per_span == 0)) + 1
+    # Span buffers reused from span to span: the blocks yielded are copies taken from them.
+    span_rows = min(int(chunks_per_span) * c, store.n_subjects)
+    buffer_neuro = np.empty((span_rows, *store.latent_shape), dtype=store.dtype)
+    buffer_genes = np.empty((span_rows, *gene_shape(store, gene_index)), dtype=store.dtype)
+    for span in np.split(chunks, breaks):
+        lo, hi = int(span[0]) * c, min(int(span[-1] + 1) * c, store.n_subjects)
+        a, b = np.searchsorted(sorted_rows, [lo, hi])
+        local = sorted_rows[a:b] - lo
+        read_into(store.neuro, slice(lo, hi), buffer_neuro[: hi - lo])
+        gene_selection = slice(lo, hi) if gene_index is None else (slice(lo, hi), gene_index)
+        read_into(store.genes, gene_selection, buffer_genes[: hi - lo])
+        neuro = np.take(buffer_neuro.reshape(span_rows, -1), local, axis=0)  # (m, V)
+        genes = np.take(buffer_genes, local, axis=0)  # (m, G, D) | (m, D)
+        yield order[a:b], neuro, genes
+
+
+def read_into(array, selection, out: np.ndarray) -> None:
+    """array[selection] written into `out` (same shape and dtype) without a temporary array."""
+    array.get_basic_selection(selection, out=NDBuffer.from_numpy_array(out))
+
+
+def gene_shape(store: StoreView, gene_index: int | None) -> tuple[int, ...]:
+    return (store.n_genes, store.embedding_dim) if gene_index is None else (store.embedding_dim,)
 
 
 def open_store(path: str | Path) -> StoreView:

@@ -127,8 +127,9 @@ def test_resume_ends_with_the_same_weights(store, tmp_path):
     assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
 
 
-def test_resume_schedule_matches_uninterrupted(store, tmp_path):
-    """The LR schedule covers all epochs of the resumed run, not just the remaining ones."""
+def test_lr_decays_over_the_run(store, tmp_path):
+    """metrics.jsonl records the schedule: the LR at the last epoch is below the first (resume is
+    covered by test_resume_ends_with_the_same_weights)."""
     run = tmp_path / "r"
     train(tiny_train(store, run, num_epochs=3), tiny_model())
     history = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
