@@ -130,7 +130,7 @@ def ingest(
     genes: Annotated[Optional[str], opt("genes", "Comma-separated subset of genes, e.g. APOE,BDNF (default: all).")] = None,
     genes_file: Annotated[Optional[Path], opt("genes_file", "File with one gene per line (alternative to --genes).")] = None,
     split_fractions: Annotated[str, opt("split_fractions", "train,val,test fractions; assignment is a hash of the IID.")] = "0.8,0.1,0.1",
-    workers: Annotated[int, opt("workers", "Processes parsing CSVs in parallel.")] = 2,
+    workers: Annotated[int, opt("workers", "Processes parsing CSVs and writing the store in parallel; 1 = this process, on two threads.")] = 2,
     overwrite: Annotated[bool, opt("overwrite", "Rebuild the store even if it is up to date.")] = False,
 ) -> None:
     """Ingest the gene CSVs and the npz latents into one subject-aligned Zarr store."""
@@ -346,11 +346,17 @@ def _store_for_training(store, gene_embedding_dir, brain_latent_dir, iid_column,
 # ------------------------------------------------------------------------------------------ evaluate
 def _print_rows(rows: list[dict], pool_size: int, n: int, title: str) -> None:
     """Rich version of report.md's headline table: top-1 with 95% intervals in both directions at the
-    headline pool, the whole split's figures when that is a different pool, permutation p-values."""
+    headline pool, the whole split's figures when that is a different pool, permutation p-values raw
+    and Holm-adjusted over the table."""
+    from alignment.metrics import holm_adjust
+
     directions = {"neuro_to_gene": "neuro→gene", "gene_to_neuro": "gene→neuro"}
     whole_too = pool_size != n
+    tested = [(i, d) for i, row in enumerate(rows) for d in directions if row.get(f"p_{d}") is not None]
+    holm = dict(zip(tested, holm_adjust([rows[i][f"p_{d}"] for i, d in tested]))) if tested else {}
     table = Table(title=title, header_style="bold", caption=f"pool = {pool_size:,} subjects; [95% CI]; "
-                  f"p = permutation p-value of whole-split top-1 (N = {n:,})")
+                  f"p = permutation p-value of whole-split top-1 (N = {n:,}), (Holm-adjusted over "
+                  f"the table's {len(tested)} p-values)")
     table.add_column("method", overflow="fold")
     for arrow in directions.values():
         table.add_column(f"{arrow}\npool {pool_size:,}", justify="right")
@@ -362,14 +368,14 @@ def _print_rows(rows: list[dict], pool_size: int, n: int, title: str) -> None:
         text = f"{value:.3f}"
         return text + (f"\n[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
-    for row in rows:
+    for i, row in enumerate(rows):
         cells = [f"[bold]{row['name']}[/bold]" if row["method"] == "model" else row["name"]]
         for direction in directions:
             p = row.get(f"p_{direction}")
             cells.append(fmt(row[f"top1_{direction}"], row.get(f"ci_{direction}")))
             if whole_too:
                 cells.append(fmt(row[f"top1_all_{direction}"], row.get(f"ci_all_{direction}")))
-            cells.append("—" if p is None else f"{p:.2g}")
+            cells.append("—" if p is None else f"{p:.2g}\n({holm[(i, direction)]:.2g})")
         table.add_row(*cells)
     console.print(table)
 

@@ -262,6 +262,20 @@ def top1_permutation_test(best, best_unique, n_perm: int = 1000, seed: int = 0) 
     }
 
 
+def holm_adjust(p_values) -> np.ndarray:
+    """Holm's step-down adjustment of m p-values (family-wise error at level alpha: reject where the
+    adjusted p <= alpha). The k-th smallest p (k = 1..m) becomes max over j <= k of (m - j + 1) p_(j),
+    capped at 1; returned in the input order. A table of many permutation p-values (every model,
+    baseline and direction) should be read through this, not one p at a time."""
+    p = np.asarray(p_values, dtype=np.float64).reshape(-1)
+    m = len(p)
+    order = np.argsort(p, kind="stable")
+    stepped = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    out = np.empty(m)
+    out[order] = stepped
+    return out
+
+
 def pool_draws(n: int, pool_size: int, draws: int, seed: int = 0) -> np.ndarray:
     """(draws, pool_size) random subsets of range(n) without replacement; a function of
     (seed, n, pool_size) only, so every method is scored on the same pools."""

@@ -97,19 +97,27 @@ def comparison_rows(evaluations: list[tuple[str, dict]]) -> tuple[list[dict], in
 
 
 def _headline_table(rows: list[dict], directions, pool_size: int, n: int) -> str:
+    """Rows x (top-1 per pool and direction, whole-split top-1, p, MRR, effect size). Each p is shown
+    raw and, in brackets, Holm-adjusted over every p in the table (one family: all methods, both
+    directions), so a reader scanning the table for p < 0.05 keeps the family-wise error at 5%."""
+    from alignment.metrics import holm_adjust
+
+    raw = [(i, d, r[f"p_{d}"]) for i, r in enumerate(rows) for d in directions if r[f"p_{d}"] is not None]
+    adjusted = dict(zip([(i, d) for i, d, _ in raw], holm_adjust([p for _, _, p in raw]))) if raw else {}
     header = ["method"]
     for d in directions:
         header.append(f"top-1 {DIRECTION_TITLES[d]}, pool {pool_size:,} [95% CI]")
     for d in directions:
         header.append(f"top-1 {DIRECTION_TITLES[d]}, whole split {n:,} [95% CI]")
-        header.append(f"p {DIRECTION_TITLES[d]}")
+        header.append(f"p {DIRECTION_TITLES[d]} (Holm, {len(raw)} tests)")
     header += ["MRR n→g / g→n", "Cohen's d"]
     body = []
-    for r in rows:
+    for i, r in enumerate(rows):
         cells = [f"**{r['name']}**" if r["method"] == "model" else r["name"]]
         cells += [_num(r[f"top1_{d}"]) + _ci(r[f"ci_{d}"]) for d in directions]
         for d in directions:
-            cells += [_num(r[f"top1_all_{d}"]) + _ci(r[f"ci_all_{d}"]), _p(r[f"p_{d}"])]
+            p_text = _p(r[f"p_{d}"]) + (f" ({_p(adjusted[(i, d)])})" if (i, d) in adjusted else "")
+            cells += [_num(r[f"top1_all_{d}"]) + _ci(r[f"ci_all_{d}"]), p_text]
         cells.append(" / ".join(_num(r[f"mrr_{d}"]) for d in directions))
         cells.append(_num(r["cohens_d"], 2) if r["cohens_d"] is not None else "—")
         body.append(cells)

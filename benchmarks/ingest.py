@@ -6,12 +6,15 @@
 
 Prints, from one run on one cohort:
 - floor: `pandas.read_csv` of every CSV plus `np.load` of every latent, one process;
-- `ingest` with workers=1 and workers=2: seconds, ratio to the floor, peak RSS of the main process
-  and of its largest worker;
+- `ingest` with workers=1 (one process, two threads) and workers=2 (two worker processes): seconds,
+  ratio to the floor, CPU seconds of all its processes, the ingest's own phase seconds, peak RSS
+  of the main process and of its largest worker;
 - peak RSS of ingest at a second, smaller gene count (--rss_genes, a subset of the same cohort), to
   show memory does not grow with the number of genes.
 Every measurement runs in a fresh child process (own RSS, no warm imports); the page cache is warmed
-and dirty pages are flushed (`sync`) before each, so runs do not pay for each other's writes.
+and dirty pages are flushed (`sync`) before each, so runs do not pay for each other's writes. The
+"load" column is the 1-minute load average when the kept run started: other jobs on the machine
+stretch the seconds (CPU seconds less so), so compare figures from runs at a similar load.
 The cohort comes from `pipeline.synth.synthesize` (in-file generator if that is unavailable) and is
 kept in --work_dir for the next run.
 """
@@ -138,13 +141,14 @@ def child_main(kind: str, payload: str) -> None:
 
 def run_child(kind: str, args: dict) -> dict:
     os.sync()  # earlier runs' dirty pages must not be flushed on this run's time
+    load = os.getloadavg()[0]
     proc = subprocess.run(
         [sys.executable, __file__, "--child", kind, json.dumps(args)], capture_output=True, text=True, cwd=ROOT
     )
     if proc.returncode != 0:
         raise SystemExit(f"{kind} child failed:\n{proc.stdout}\n{proc.stderr}")
     line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return {**json.loads(line[len("RESULT "):]), "load": load}
 
 
 def warm_cache(gene_dir: Path, latent_dir: Path) -> None:
@@ -273,12 +277,13 @@ def main() -> None:
     floors = {n: results[label]["seconds"] for label, kind, _, n in configs if kind == "floor"}
     rows = [(label, results[label], floors[n]) for label, _, _, n in configs]
 
-    print(f"\n{'run':<30} {'seconds':>8} {'x floor':>8} {'CPU s':>7} {'RSS main MiB':>13} {'RSS worker MiB':>15}  phases")
+    print(f"\n{'run':<30} {'seconds':>8} {'x floor':>8} {'CPU s':>7} {'load':>5} {'RSS main MiB':>13} "
+          f"{'RSS worker MiB':>15}  phases")
     for label, result, floor_s in rows:
         workers_rss = f"{result['rss_workers_mib']:.0f}" if "workers=2" in label else "-"
         print(
             f"{label:<30} {result['seconds']:>8.2f} {result['seconds'] / floor_s:>8.2f} {result['cpu_seconds']:>7.1f} "
-            f"{result['rss_self_mib']:>13.0f} {workers_rss:>15}  {result.get('phases', '')}"
+            f"{result['load']:>5.1f} {result['rss_self_mib']:>13.0f} {workers_rss:>15}  {result.get('phases', '')}"
         )
     rss = {n: results[label]["rss_self_mib"] for label, kind, payload, n in configs
            if kind == "ingest" and payload["workers"] == 1}

@@ -235,6 +235,12 @@ def test_comparison_table_across_evaluations(sequence_eval, single_eval, tmp_pat
     reports = [("sequence model", sequence_eval[1].report_path)]
     text = comparison_markdown(rows, pool, n, reports, base=sequence_eval[1].output_dir.parent)
     assert "| chance |" in text and "single model" in text and "(eval/report.md)" in text
+    from alignment.metrics import holm_adjust
+
+    tested = [r[f"p_{d}"] for r in rows for d in ("neuro_to_gene", "gene_to_neuro") if r[f"p_{d}"] is not None]
+    assert f"(Holm, {len(tested)} tests)" in text
+    first = rows[0]["p_neuro_to_gene"]
+    assert f"{first:.2g} ({holm_adjust(tested)[0]:.2g})" in text
 
 
 def test_training_curves_plot(tmp_path):

@@ -299,15 +299,16 @@ def test_custom_iid_column(tmp_path):
     assert ingest(config(gdir, ldir, tmp_path / "s.zarr", iid_column="eid")).n_kept == 2
 
 
-def test_non_numeric_value_names_file_line_and_column(tmp_path):
+@pytest.mark.parametrize("cell", ["abc", "1_0"])  # "1_0": Python's float() reads 10.0, a CSV reader does not
+def test_non_numeric_value_names_file_line_and_column(tmp_path, cell):
     gdir, ldir = write_cohort(tmp_path, iids_of(5))
     path = gdir / "BDNF_brain_gene_embeddingUKB.csv"
     lines = path.read_text().splitlines()
     cells = lines[3].split(",")
-    cells[2] = "abc"  # line 4 as an editor shows it, column e1
+    cells[2] = cell  # line 4 as an editor shows it, column e1
     lines[3] = ",".join(cells)
     path.write_text("\n".join(lines) + "\n")
-    expected = r"BDNF_brain_gene_embeddingUKB.csv line 4, column 'e1': 'abc' is not a number"
+    expected = rf"BDNF_brain_gene_embeddingUKB.csv line 4, column 'e1': '{cell}' is not a number"
     with pytest.raises(GenealignError, match=expected):
         ingest(config(gdir, ldir, tmp_path / "s.zarr"))
 
@@ -327,6 +328,17 @@ def test_duplicate_iid_names_both_lines(tmp_path, workers):
     expected = "COMT_brain_gene_embeddingUKB.csv: IID '1000002' appears twice, on lines 3 and 5"
     with pytest.raises(GenealignError, match=expected):
         ingest(config(gdir, ldir, tmp_path / "s.zarr", workers=workers))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_first_failing_csv_in_gene_order_is_reported(tmp_path, workers):
+    """CSVs are parsed concurrently; a later gene that fails sooner (small file) must not win."""
+    gdir, ldir = write_cohort(tmp_path, iids_of(4))
+    write_gene_csv(gdir, "APOE", iids_of(3000) + ["1000002"], shuffle=False)  # duplicate on the last line
+    write_gene_csv(gdir, "COMT", iids_of(2), [[0.5, 1, 2, 3], ["oops", 1, 2, 3]], shuffle=False)
+    with pytest.raises(GenealignError, match="APOE_brain_gene_embeddingUKB.csv: IID '1000002' appears twice"):
+        ingest(config(gdir, ldir, tmp_path / "s.zarr", workers=workers))
+    assert _partials(tmp_path) == []
 
 
 def test_npz_with_several_arrays_and_no_latent_key(tmp_path):
@@ -391,6 +403,52 @@ def test_failure_mid_copy_keeps_previous_store(tmp_path, small_chunks, monkeypat
     assert view.n_subjects == 30
     np.testing.assert_array_equal(np.asarray(view.genes[:]), before)
     assert _partials(tmp_path) == []  # temp store and scratch removed
+
+
+class _LazyFuture:
+    def __init__(self, fn, args) -> None:
+        self.call, self.done, self.value = (lambda: fn(*args)), False, None
+
+    def result(self):
+        if not self.done:
+            self.value, self.done = self.call(), True
+        return self.value
+
+    def cancel(self) -> bool:
+        return not self.done
+
+
+class _LazyExecutor:
+    """Runs each task when its result is first asked for: the copy's tasks then run one by one, in order."""
+
+    def __init__(self, max_workers: int) -> None:
+        pass
+
+    def submit(self, fn, *args) -> _LazyFuture:
+        return _LazyFuture(fn, args)
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
+def test_scratch_shrinks_as_the_store_is_written(tmp_path, small_chunks, monkeypatch):
+    gdir, ldir = write_cohort(tmp_path, iids_of(40))
+    monkeypatch.setattr(ingest_module, "ThreadPoolExecutor", _LazyExecutor)
+    monkeypatch.setattr(ingest_module, "COPY_TASK_CHUNKS", 1)
+    real_copy, blocks_left = ingest_module._copy_chunks, []
+
+    def counting_copy(task):
+        scratch = task.positions_file.parent
+        blocks_left.append(len([p for p in scratch.iterdir() if p.suffix[1:].isdigit()]))
+        real_copy(task)
+
+    monkeypatch.setattr(ingest_module, "_copy_chunks", counting_copy)
+    ingest(config(gdir, ldir, tmp_path / "s.zarr"))
+    # 40 latent blocks (1 row each) + 3 genes x 20 blocks (2 rows each); chunks of 7 subjects: before
+    # chunk k, the blocks of the 7k subjects already copied are gone, but for one straddling 2-row block.
+    assert len(blocks_left) == 6
+    assert blocks_left == [100 - 7 * k - 3 * (7 * k // 2) for k in range(6)]
+    np.testing.assert_array_equal(open_store(tmp_path / "s.zarr").iid, sorted(iids_of(40)))
 
 
 def test_killed_ingest_leaves_previous_store_readable(tmp_path, small_chunks):

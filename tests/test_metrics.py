@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from alignment.metrics import (
+    holm_adjust,
     bootstrap_ci,
     chance_levels,
     harmonic,
@@ -218,3 +219,22 @@ def test_pooled_ranks_batched_and_fallback_agree(monkeypatch):
     assert np.array_equal(metrics.pooled_ranks(q, g, subsets), expected)
     monkeypatch.setattr(metrics, "BLOCK_ELEMENTS", 100)  # forces the one-pool-at-a-time path
     assert np.array_equal(metrics.pooled_ranks(q, g, subsets, chunk=7), expected)
+
+
+def test_holm_adjust_matches_the_step_down_procedure():
+    rng = np.random.default_rng(5)
+    for m in (1, 2, 7, 16):
+        p = rng.uniform(0, 0.2, size=m)
+        p[rng.integers(0, m)] = p[0]  # a tie
+        adjusted = holm_adjust(p)
+        # brute force: Holm rejects H_(k) at alpha iff p_(j) <= alpha / (m - j + 1) for every j <= k;
+        # the adjusted p is the smallest alpha that rejects it.
+        for alpha in np.linspace(0.0, 1.0, 201):
+            order = np.argsort(p, kind="stable")
+            rejected = np.zeros(m, dtype=bool)
+            for j, i in enumerate(order):
+                if p[i] > alpha / (m - j):
+                    break
+                rejected[i] = True
+            assert np.array_equal(rejected, adjusted <= alpha + 1e-12), (alpha, p, adjusted)
+    assert holm_adjust([0.01, 0.04, 0.03]).tolist() == pytest.approx([0.03, 0.06, 0.06])
