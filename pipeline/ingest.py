@@ -66,8 +66,10 @@ import json
 import os
 import shutil
 import socket
+import struct
 import tempfile
 import time
+import zlib
 from collections import Counter, defaultdict
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -932,8 +934,9 @@ def _read_latents(sources: _Sources, options: dict, scratch: Path) -> _Latents:
 def _load_latent(path: Path, key: str | None, dtype: str) -> tuple[np.ndarray | None, tuple[str, str] | None]:
     """(array, None) or (None, (reason, detail)). Configuration mistakes raise instead."""
     try:
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.ndarray):  # a bare .npy under an .npz name: its one array
+        array = _read_plain_npz(path, key)
+        loaded = array if array is not None else np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):  # the fast path's array, or a bare .npy under an .npz name
             array = loaded
         else:
             with loaded as npz:
@@ -949,6 +952,74 @@ def _load_latent(path: Path, key: str | None, dtype: str) -> tuple[np.ndarray | 
     if dtype == "float16" and array.size and float(np.abs(array).max()) > FLOAT16_MAX:
         raise GenealignError(f"{path}: values exceed the float16 range; use --dtype float32.")
     return array, None
+
+
+_NPY_HEADERS: dict[bytes, tuple[tuple[int, ...], np.dtype] | None] = {}  # header bytes -> (shape, dtype)
+
+
+def _read_plain_npz(path: Path, key: str | None) -> np.ndarray | None:
+    """The array of a plain `np.savez` file (a zip holding one stored, uncompressed member
+    '<name>.npy', C order; `key`, when given, must be its name), read without zipfile: ~20 us a file
+    instead of np.load's ~85 (10,000 latents: 0.6 s off a pass that runs alone on one thread). The
+    member's CRC-32 is checked as zipfile checks it. None for anything else (compressed, several
+    arrays, another name, Fortran order, a header it does not know, a damaged file), which np.load
+    then reads or explains: this path never decides that a file is unreadable."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+        eocd = len(data) - 22  # end-of-central-directory record, no archive comment
+        if data[:4] != b"PK\x03\x04" or data[eocd:eocd + 4] != b"PK\x05\x06":
+            return None
+        entries, _, directory = struct.unpack_from("<HII", data, eocd + 10)
+        if entries != 1 or data[directory:directory + 4] != b"PK\x01\x02":
+            return None
+        method, crc, size, raw_size, name_len = struct.unpack_from("<H4xIIIH", data, directory + 10)
+        local = struct.unpack_from("<I", data, directory + 42)[0]
+        name = data[directory + 46:directory + 46 + name_len]
+        if method != 0 or size != raw_size or not name.endswith(b".npy") or data[local:local + 4] != b"PK\x03\x04":
+            return None
+        if key is not None and name != f"{key}.npy".encode():
+            return None
+        local_name_len, local_extra_len = struct.unpack_from("<HH", data, local + 26)
+        start = local + 30 + local_name_len + local_extra_len
+        member = memoryview(data)[start:start + size]
+        if len(member) != size or zlib.crc32(member) != crc or bytes(member[:6]) != b"\x93NUMPY":
+            return None
+        # version 1.0: 2-byte header length, 2.0/3.0: 4-byte; the header is identical for every latent
+        # of a cohort, so it is parsed once (np.lib.format's parser is most of np.load's cost).
+        major = member[6]
+        offset = 10 if major == 1 else 12
+        header_len = struct.unpack_from("<H" if major == 1 else "<I", member, 8)[0]
+        header = bytes(member[:offset + header_len])
+        if header not in _NPY_HEADERS:
+            _NPY_HEADERS[header] = _npy_header(header)
+        parsed = _NPY_HEADERS[header]
+        if parsed is None:
+            return None
+        shape, dtype = parsed
+        if size - len(header) != int(np.prod(shape)) * dtype.itemsize:
+            return None
+        return np.frombuffer(member, dtype=dtype, offset=len(header)).reshape(shape)
+    except (OSError, struct.error, ValueError):
+        return None
+
+
+def _npy_header(header: bytes) -> tuple[tuple[int, ...], np.dtype] | None:
+    """(shape, dtype) of a C-order, plain-dtype .npy header; None otherwise."""
+    import io
+
+    stream = io.BytesIO(header)
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version not in ((1, 0), (2, 0)):  # 3.0 (utf-8 field names): left to np.load
+            return None
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read(stream)
+    except ValueError:
+        return None
+    if fortran_order or dtype.hasobject or dtype.fields is not None or stream.tell() != len(header):
+        return None
+    return tuple(int(s) for s in shape), dtype
 
 
 def _latent_key(keys: list[str], key: str | None, path: Path) -> str:

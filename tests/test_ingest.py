@@ -606,3 +606,46 @@ def test_chunk_writer_matches_zarr_for_plain_and_compressed_arrays(tmp_path):
             write(chunk, data[chunk * 4:(chunk + 1) * 4].astype(dtype))
         reread = zarr.open_group(str(tmp_path / "w.zarr"), mode="r")[name][:]
         np.testing.assert_array_equal(reread, data.astype(dtype))
+
+
+def test_plain_npz_fast_path_reads_what_np_load_reads_and_declines_the_rest(tmp_path):
+    from pipeline.ingest import _read_plain_npz
+
+    rng = np.random.default_rng(0)
+    cases = {
+        "float32": dict(latent=rng.normal(size=(2, 3, 4)).astype(np.float32)),
+        "float16": dict(latent=rng.normal(size=(5,)).astype(np.float16)),
+        "int16": dict(latent=rng.integers(-9, 9, size=(3, 3)).astype(np.int16)),
+        "big_endian": dict(latent=rng.normal(size=(4, 2)).astype(">f4")),
+        "other_name": dict(brain=rng.normal(size=(3,)).astype(np.float32)),
+    }
+    for name, arrays in cases.items():
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, **arrays)
+        (key, expected), = arrays.items()
+        got = _read_plain_npz(path, None)
+        assert got is not None and got.dtype == expected.dtype and np.array_equal(got, expected), name
+        assert np.array_equal(_read_plain_npz(path, key), expected)
+        assert _read_plain_npz(path, "something_else") is None  # np.load explains the missing key
+
+    declined = {
+        "compressed": lambda p: np.savez_compressed(p, latent=np.ones(3, np.float32)),
+        "two_arrays": lambda p: np.savez(p, latent=np.ones(3, np.float32), extra=np.ones(2)),
+        "fortran": lambda p: np.savez(p, latent=np.asfortranarray(np.ones((3, 4), np.float32))),
+        "bare_npy": lambda p: np.save(open(p, "wb"), np.ones(3, np.float32)),
+        "object": lambda p: np.savez(p, latent=np.array([{"a": 1}], dtype=object)),
+    }
+    for name, write in declined.items():
+        path = tmp_path / f"{name}.npz"
+        write(path)
+        assert _read_plain_npz(path, None) is None, name
+
+    # damaged: a flipped value byte fails the CRC (np.load then reports it), a cut file is declined
+    path = tmp_path / "damaged.npz"
+    np.savez(path, latent=np.zeros(64, np.float32))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert _read_plain_npz(path, None) is None
+    path.write_bytes(bytes(data[: len(data) // 2]))
+    assert _read_plain_npz(path, None) is None
