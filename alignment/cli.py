@@ -348,15 +348,14 @@ def _print_rows(rows: list[dict], pool_size: int, n: int, title: str) -> None:
     """Rich version of report.md's headline table: top-1 with 95% intervals in both directions at the
     headline pool, the whole split's figures when that is a different pool, permutation p-values raw
     and Holm-adjusted over the table."""
-    from alignment.metrics import holm_adjust
+    from alignment.report import holm_cells
 
     directions = {"neuro_to_gene": "neuro→gene", "gene_to_neuro": "gene→neuro"}
     whole_too = pool_size != n
-    tested = [(i, d) for i, row in enumerate(rows) for d in directions if row.get(f"p_{d}") is not None]
-    holm = dict(zip(tested, holm_adjust([rows[i][f"p_{d}"] for i, d in tested]))) if tested else {}
+    holm = holm_cells(rows, directions)
     table = Table(title=title, header_style="bold", caption=f"pool = {pool_size:,} subjects; [95% CI]; "
                   f"p = permutation p-value of whole-split top-1 (N = {n:,}), (Holm-adjusted over "
-                  f"the table's {len(tested)} p-values)")
+                  f"the table's {len(holm)} p-values)")
     table.add_column("method", overflow="fold")
     for arrow in directions.values():
         table.add_column(f"{arrow}\npool {pool_size:,}", justify="right")

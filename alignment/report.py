@@ -96,20 +96,26 @@ def comparison_rows(evaluations: list[tuple[str, dict]]) -> tuple[list[dict], in
     return rows, _pool_size(first, pool_key), int(first["n_subjects"])
 
 
-def _headline_table(rows: list[dict], directions, pool_size: int, n: int) -> str:
-    """Rows x (top-1 per pool and direction, whole-split top-1, p, MRR, effect size). Each p is shown
-    raw and, in brackets, Holm-adjusted over every p in the table (one family: all methods, both
-    directions), so a reader scanning the table for p < 0.05 keeps the family-wise error at 5%."""
+def holm_cells(rows: list[dict], directions) -> dict[tuple[int, str], float]:
+    """(row index, direction) -> Holm-adjusted p over every p-value of a headline table (one family:
+    all methods, both directions), so a reader scanning it for p < 0.05 keeps the family-wise error
+    at 5%. Cells without a p are absent."""
     from alignment.metrics import holm_adjust
 
-    raw = [(i, d, r[f"p_{d}"]) for i, r in enumerate(rows) for d in directions if r[f"p_{d}"] is not None]
-    adjusted = dict(zip([(i, d) for i, d, _ in raw], holm_adjust([p for _, _, p in raw]))) if raw else {}
+    cells = [(i, d) for i, r in enumerate(rows) for d in directions if r.get(f"p_{d}") is not None]
+    return dict(zip(cells, holm_adjust([rows[i][f"p_{d}"] for i, d in cells]))) if cells else {}
+
+
+def _headline_table(rows: list[dict], directions, pool_size: int, n: int) -> str:
+    """Rows x (top-1 per pool and direction, whole-split top-1, p, MRR, effect size). Each p is shown
+    raw and, in brackets, Holm-adjusted over the table (`holm_cells`)."""
+    adjusted = holm_cells(rows, directions)
     header = ["method"]
     for d in directions:
         header.append(f"top-1 {DIRECTION_TITLES[d]}, pool {pool_size:,} [95% CI]")
     for d in directions:
         header.append(f"top-1 {DIRECTION_TITLES[d]}, whole split {n:,} [95% CI]")
-        header.append(f"p {DIRECTION_TITLES[d]} (Holm, {len(raw)} tests)")
+        header.append(f"p {DIRECTION_TITLES[d]} (Holm, {len(adjusted)} tests)")
     header += ["MRR n→g / g→n", "Cohen's d"]
     body = []
     for i, r in enumerate(rows):

@@ -12,7 +12,6 @@ does not go through it; it uses `pipeline.loader.BatchLoader`, which gathers who
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import os
 from dataclasses import replace
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.errors import GenealignError, GeneNotFoundError
+from pipeline.errors import GenealignError
 from pipeline.store import StoreView, open_store
 
 MODES = ("sequence", "single")
@@ -129,14 +128,7 @@ class MultiGeneNeuroDataset(Dataset):
         if mode == "single":
             if not single_gene_name:
                 raise GenealignError("mode='single' needs single_gene_name, e.g. single_gene_name='APOE'.")
-            if single_gene_name not in store.gene_names:
-                close = difflib.get_close_matches(single_gene_name, store.gene_names, n=5)
-                hint = f" Close matches: {', '.join(close)}." if close else ""
-                raise GeneNotFoundError(
-                    f"Gene '{single_gene_name}' not found in {source}.{hint} "
-                    f"Available genes: {', '.join(store.gene_names)}"
-                )
-            self._gene_index = store.gene_names.index(single_gene_name)
+            self._gene_index = store.gene_index(single_gene_name, where=source)
             self.gene_names = [single_gene_name]
         else:
             self.gene_names = list(store.gene_names)

@@ -112,7 +112,9 @@ class StoreView:
             raise GenealignError(f"Unknown split '{split}': use one of train, val, test, all.")
         return np.flatnonzero(self.split == SPLIT_CODES[split])
 
-    def gene_index(self, name: str) -> int:
+    def gene_index(self, name: str, where: str | None = None) -> int:
+        """Position of gene `name` on the gene axis; the seed's "Gene 'X' not found" error otherwise,
+        naming `where` (what the user pointed at, e.g. a gene embedding directory; default the store)."""
         if name in self.gene_names:
             return self.gene_names.index(name)
         import difflib
@@ -120,7 +122,7 @@ class StoreView:
         close = difflib.get_close_matches(name, self.gene_names, n=5)
         hint = f" Close matches: {', '.join(close)}." if close else ""
         raise GeneNotFoundError(
-            f"Gene '{name}' not found in store {self.path}.{hint} "
+            f"Gene '{name}' not found in {where or f'store {self.path}'}.{hint} "
             f"Available genes: {', '.join(self.gene_names)}"
         )
 

@@ -772,7 +772,7 @@ def strongest_gene(truth: dict) -> str:
     compared gene for gene."""
     planted = truth["planted_genes"]
     information = gene_information(truth)
-    return max(planted, key=lambda g: (round(information[g], 9), planted[g]))
+    return max(planted, key=lambda g: (information[g], planted[g]))
 
 
 def gene_information(truth: dict) -> dict[str, float]:

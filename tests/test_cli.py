@@ -145,7 +145,7 @@ def test_synth_ingest_train_evaluate_through_the_cli(tmp_path):
                  "--pool_sizes", "50,all", "--draws", "3", "--bootstrap", "20", "--permutations", "20")
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
-    for needle in ("oracle", "PCA+CCA", "PCA+PLS", "chance", "neuro→gene", "gene→neuro", "pool 88"):
+    for needle in ("oracle", "PCA+CCA", "PCA+PLS", "chance", "neuro→gene", "gene→neuro", "pool 88", "Holm-adjusted"):
         assert needle in text, needle
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["pool_sizes"][0] == 50 and metrics["split"] == "test"
