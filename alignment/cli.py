@@ -273,6 +273,7 @@ def train(
     neuro_pca_dim: Annotated[int, opt("neuro_pca_dim", "PCA-whitening front-end for the latent, fitted on train (0 = off).")] = 256,
     gene_pca_dim: Annotated[int, opt("gene_pca_dim", "Per-gene PCA-whitening front-end, fitted on train (0 = off).")] = 32,
     gene_projection: Annotated[str, opt("gene_projection", "Sequence mode input projection: per_gene (one per gene) or shared (the seed's).")] = "per_gene",
+    gene_group_lasso: Annotated[float, opt("gene_group_lasso", "Group lasso on the per-gene input projections: shrinks each gene's block after every step; a block without a consistent gradient reaches exactly 0 (0 = off; the demo uses 0.3).")] = 0.0,
     seed: Annotated[int, opt("seed", "One seed for init, batches and dropout.")] = 42,
     save_every: Annotated[int, opt("save_every", "Also keep checkpoint_epoch_N.pt every N epochs (0 = never).")] = 10,
     patience: Annotated[int, opt("patience", "Stop after N epochs without val improvement (0 = off).")] = 0,
@@ -301,7 +302,7 @@ def train(
         batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps, num_epochs=num_epochs,
         learning_rate=learning_rate, weight_decay=weight_decay, warmup_fraction=warmup_fraction, seed=seed,
         save_every=save_every, patience=patience, data_placement=data_placement, device=device,
-        resume=resume is not None,
+        resume=resume is not None, gene_group_lasso=gene_group_lasso,
     )
     bar = _TrainProgress() if _is_main_process() else None
     try:
@@ -391,7 +392,9 @@ def evaluate(
     bootstrap: Annotated[int, opt("bootstrap", "Bootstrap resamples for the whole-split 95% intervals.")] = 1000,
     permutations: Annotated[int, opt("permutations", "Pairing permutations for the top-1 p-value.")] = 1000,
     baselines: Annotated[str, opt("baselines", "Comma-separated baselines fitted on train: cca, pls, or none.")] = "cca,pls",
-    oracle: Annotated[bool, opt("oracle", "Add the generator's oracle when the store came from `genealign synth`.")] = True,
+    oracle: Annotated[bool, typer.Option(
+        "--oracle/--no-oracle", " /--no_oracle",
+        help="Add the generator's oracle when the store came from `genealign synth`.")] = True,
     seed: Annotated[int, opt("seed", "Seed of pools, bootstrap and permutations.")] = 0,
     device: Annotated[str, opt("device", "auto, cpu, cuda or cuda:N.")] = "auto",
     batch_size: Annotated[int, opt("batch_size", "Rows embedded per batch.")] = 512,

@@ -9,6 +9,9 @@ is above 100; it is never clamped in place.)
 
 Row i of `neuro_features` and row i of `gene_features` are the same subject; every other row of the
 other modality is a negative. Features are expected to be L2-normalised, shape (N, P).
+
+`group_soft_threshold` is the proximal operator of the group lasso that training can apply to the
+per-gene input projections (TrainConfig.gene_group_lasso): a regulariser, so a pure function here too.
 """
 
 from __future__ import annotations
@@ -52,3 +55,16 @@ def siglip_loss(
     n = logits.shape[0]
     signs = 2.0 * torch.eye(n, device=logits.device, dtype=logits.dtype) - 1.0  # (N, N) +1 / -1
     return -F.logsigmoid(signs * logits).sum() / n
+
+
+def group_soft_threshold(weight: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Proximal operator of threshold * sum_g ||W_g||_F (the group lasso), groups along axis 0:
+    argmin_X 0.5 ||X - W||^2 + threshold * sum_g ||X_g||_F, i.e. each group W_g scaled by
+    max(0, 1 - threshold / ||W_g||_F), so a group whose norm is at most `threshold` becomes exactly 0.
+
+    weight: (G, ...) -> a new tensor of the same shape; threshold >= 0."""
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    norms = weight.detach().flatten(1).norm(dim=1)  # (G,)
+    scale = (1.0 - threshold / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp_min(0.0)  # (G,)
+    return weight * scale.view(-1, *([1] * (weight.dim() - 1))).to(weight.dtype)

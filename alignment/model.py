@@ -690,6 +690,14 @@ class MultiGeneAlignmentModel(nn.Module):
             x = self._gene_frontend(genes.to(self.gene_mean.dtype))
         return self.gene_encoder.forward_with_attention(x)[1]
 
+    def gene_input_weight(self) -> nn.Parameter | None:
+        """The per-gene input projection's weight, (G, d_in, H): row g is how gene g enters the
+        transformer, so a gene whose block is all zeros is not used at all. None unless sequence mode
+        with gene_projection='per_gene' (a shared projection has no per-gene weights)."""
+        if self.use_transformer and isinstance(self.gene_encoder.input_projection, PerGeneLinear):
+            return self.gene_encoder.input_projection.weight
+        return None
+
     # ----------------------------------------------------------------------------------- loss
     def loss_parameters(self) -> list[nn.Parameter]:
         """Parameters used by the loss only (not by the encoders): the temperature and siglip bias."""

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from alignment.evaluate import embed_model
+from alignment.loss import group_soft_threshold
 from alignment.metrics import val_retrieval
 from alignment.model import ModelConfig, MultiGeneAlignmentModel
 from alignment.step import contrastive_step
@@ -65,6 +66,16 @@ class TrainConfig:
     frontend_max_rows: int = 20_000  # train rows used to fit z-scoring/PCA (deterministic subsample)
     eval_batch_size: int = 1024
     resume: bool = False
+    # Group lasso on the per-gene input projections (sequence mode, gene_projection='per_gene'): after
+    # every optimizer step each gene's (d_in, H) weight block shrinks in norm by
+    # lr x gene_group_lasso x sqrt(d_in x H) (proximal step, `group_soft_threshold`), so a gene whose
+    # gradient does not keep pointing one way goes to exactly 0 and leaves the model. The sqrt: AdamW
+    # moves each weight by about lr per step, so a block whose gradient is consistent grows by up to
+    # lr x sqrt(d_in x H); the setting is the fraction of that drift a gene must beat to stay in.
+    # On the demo cohort 1.0 removed every gene; 0.3 removed none but lifted held-out top-1 by ~30%
+    # (the shrinkage itself regularises). Block norms are not a gene ranking: there the largest
+    # blocks belong to noise genes. 0 = off.
+    gene_group_lasso: float = 0.0
 
 
 @dataclass
@@ -201,6 +212,15 @@ def train(
         )
 
     model = build_model(model_config, store, gene_names)
+    gene_weight = model.gene_input_weight()  # (G, d_in, H) | None
+    if config.gene_group_lasso < 0:
+        raise GenealignError(f"--gene_group_lasso must be >= 0, got {config.gene_group_lasso}.")
+    if config.gene_group_lasso > 0 and gene_weight is None:
+        raise GenealignError(
+            "--gene_group_lasso needs per-gene input projections: use --mode sequence with "
+            "--gene_projection per_gene, or leave --gene_group_lasso at 0."
+        )
+    group_lasso_scale = config.gene_group_lasso * math.sqrt(gene_weight[0].numel()) if gene_weight is not None else 0.0
     neuro_fit, genes_fit = store.read_rows(_frontend_rows(train_rows, config.frontend_max_rows, config.seed), gene_index)
     model.fit_frontend(torch.from_numpy(neuro_fit), torch.from_numpy(genes_fit))
     del neuro_fit, genes_fit
@@ -293,6 +313,12 @@ def train(
             micro = []
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
+            if group_lasso_scale > 0:
+                # The proximal step of the group lasso at the lr this step used; identical on every
+                # rank (same weights, same lr), so DDP replicas stay equal.
+                with torch.no_grad():
+                    lr = optimizer.param_groups[0]["lr"]
+                    gene_weight.copy_(group_soft_threshold(gene_weight, lr * group_lasso_scale))
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss)
@@ -330,6 +356,9 @@ def train(
                 "samples_per_s": len(losses) * global_batch / max(train_seconds, 1e-9),
                 "epoch_seconds": time.perf_counter() - epoch_start,
             }
+            if gene_weight is not None:
+                # Genes the model still uses: their input block is not all zeros.
+                row["genes_in_use"] = int((gene_weight.detach().flatten(1).abs().amax(dim=1) > 0).sum())
             history.append(row)
             improved = row["val_top1_mean"] > best_score
             if improved:

@@ -149,6 +149,15 @@ def test_synth_ingest_train_evaluate_through_the_cli(tmp_path):
         assert needle in text, needle
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["pool_sizes"][0] == 50 and metrics["split"] == "test"
+    assert "oracle" in metrics["methods_order"]
+    # The oracle is on by default and can be switched off in both spellings.
+    for spelling in ("--no-oracle", "--no_oracle"):
+        out = tmp_path / f"eval{spelling}"
+        result = run("evaluate", "--checkpoint", run_dir / "best_model.pt", "--store", store, "--output_dir", out,
+                     "--pool_sizes", "all", "--draws", "1", "--bootstrap", "0", "--permutations", "0",
+                     "--baselines", "none", spelling)
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "metrics.json").read_text())["methods_order"] == ["model", "chance"]
 
 
 def test_evaluate_on_a_store_with_other_genes_is_a_clear_error(tmp_path):

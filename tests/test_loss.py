@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alignment.loss import MAX_LOGIT_SCALE, clip_loss, exp_logit_scale, siglip_loss
+from alignment.loss import MAX_LOGIT_SCALE, clip_loss, exp_logit_scale, group_soft_threshold, siglip_loss
 
 
 def features(n: int, p: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,3 +85,46 @@ def test_perfect_alignment_gives_low_loss_and_shuffled_high():
     aligned = clip_loss(a, a, t).item()
     shuffled = clip_loss(a, a[torch.randperm(16, generator=torch.Generator().manual_seed(0))], t).item()
     assert aligned < 0.5 < math.log(16) < shuffled + 1.0
+
+
+def brute_group_soft_threshold(w: torch.Tensor, t: float) -> torch.Tensor:
+    out = torch.zeros_like(w)
+    for g in range(w.shape[0]):
+        norm = math.sqrt(sum(float(x) ** 2 for x in w[g].flatten()))
+        if norm > t:
+            out[g] = w[g] * (1.0 - t / norm)
+    return out
+
+
+@pytest.mark.parametrize("t", [0.0, 0.5, 2.0, 100.0])
+def test_group_soft_threshold_matches_brute_force(t):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(7, 3, 4, generator=g, dtype=torch.float64)  # (G, d_in, H)
+    w[2] *= 0.01  # a group far below the threshold
+    w[5] = 0.0  # an all-zero group stays zero (no division by zero)
+    got = group_soft_threshold(w, t)
+    assert torch.allclose(got, brute_group_soft_threshold(w, t), atol=1e-12)
+    norms = w.flatten(1).norm(dim=1)
+    assert torch.equal(got.flatten(1).abs().amax(dim=1) == 0, (norms <= t) | (norms == 0))
+    if t == 0.0:
+        assert torch.equal(got, w)
+
+
+def test_group_soft_threshold_is_the_group_lasso_proximal_operator():
+    """The result minimises 0.5 ||X - W||^2 + t sum_g ||X_g||: no random perturbation does better."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    t = 1.5
+
+    def objective(x):
+        return 0.5 * float(((x - w) ** 2).sum()) + t * float(x.norm(dim=1).sum())
+
+    best = objective(group_soft_threshold(w, t))
+    for scale in (1e-1, 1e-2, 1e-3):
+        for _ in range(50):
+            assert objective(group_soft_threshold(w, t) + scale * torch.randn(6, 5, generator=g, dtype=torch.float64)) >= best - 1e-12
+
+
+def test_group_soft_threshold_rejects_a_negative_threshold():
+    with pytest.raises(ValueError):
+        group_soft_threshold(torch.ones(2, 2), -1.0)
