@@ -112,14 +112,16 @@ def kill_after_epoch(n: int):
     return progress
 
 
-def test_resume_ends_with_the_same_weights(store, tmp_path):
+@pytest.mark.parametrize("lasso", [0.0, 0.8])
+def test_resume_ends_with_the_same_weights(store, tmp_path, lasso):
+    model = tiny_model(dropout=0.2, gene_projection="per_gene" if lasso else "shared")
     full = tmp_path / "full"
-    train(tiny_train(store, full, num_epochs=4), tiny_model(dropout=0.2))
+    train(tiny_train(store, full, num_epochs=4, gene_group_lasso=lasso), model)
     part = tmp_path / "part"
     with pytest.raises(Killed):  # the run dies after epoch 2 (its last.pt is complete)
-        train(tiny_train(store, part, num_epochs=4), tiny_model(dropout=0.2), progress=kill_after_epoch(2))
+        train(tiny_train(store, part, num_epochs=4, gene_group_lasso=lasso), model, progress=kill_after_epoch(2))
     assert json.loads((part / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 2
-    train(tiny_train(store, part, num_epochs=4, resume=True), tiny_model(dropout=0.2))
+    train(tiny_train(store, part, num_epochs=4, resume=True, gene_group_lasso=lasso), model)
     a = torch.load(full / "last.pt", weights_only=True)
     b = torch.load(part / "last.pt", weights_only=True)
     assert a["model_state_dict"].keys() == b["model_state_dict"].keys()
