@@ -132,6 +132,10 @@ def ingest(
     split_fractions: Annotated[str, opt("split_fractions", "train,val,test fractions; assignment is a hash of the IID.")] = "0.8,0.1,0.1",
     workers: Annotated[int, opt("workers", "Processes parsing CSVs and writing the store in parallel; 1 = this process, on two threads.")] = 2,
     overwrite: Annotated[bool, opt("overwrite", "Rebuild the store even if it is up to date.")] = False,
+    direct_io: Annotated[bool, typer.Option(
+        "--direct-io/--no-direct-io", "--direct_io/--no_direct_io",
+        help="Write the store and its scratch past the page cache (O_DIRECT) where the filesystem allows: "
+             "pays where new memory is slow to come by (some VMs) or the page cache is someone else's.")] = False,
 ) -> None:
     """Ingest the gene CSVs and the npz latents into one subject-aligned Zarr store."""
     from pipeline.ingest import IngestConfig, ingest as run_ingest, parse_gene_list
@@ -141,7 +145,7 @@ def ingest(
             gene_embedding_dir=gene_embedding_dir, brain_latent_dir=brain_latent_dir, store=store,
             iid_column=iid_column, latent_key=latent_key, dtype=dtype,
             genes=parse_gene_list(genes, genes_file), workers=workers, overwrite=overwrite,
-            split_fractions=_fractions(split_fractions),
+            split_fractions=_fractions(split_fractions), direct_io=direct_io,
         )
     )
     _print_ingest(result)

@@ -11,13 +11,18 @@ Prints, from one run on one cohort:
   machine busy; the one-thread floor is the one-core reading cost the issue's targets were set
   against ("workers=2 faster than the floor" presumes a floor that uses one core). Ratios against
   both are printed;
-- `ingest` with workers=1 (one process, two threads) and workers=2 (two worker processes): seconds,
-  ratio to the floor, CPU seconds of all its processes, the ingest's own phase seconds, peak RSS
-  of the main process and of its largest worker;
+- writing the store's bytes to new files, through the page cache and with O_DIRECT (what the
+  ingest's writes cost on their own; the ingest writes with O_DIRECT where the filesystem allows);
+- `ingest` with workers=1 (one process, two threads) and workers=2 (two worker processes), and
+  workers=2 with --direct-io: seconds, ratio to the floor, CPU seconds of all its processes, the
+  ingest's own phase seconds, peak RSS of the main process and of its largest worker;
 - peak RSS of ingest at a second, smaller gene count (--rss_genes, a subset of the same cohort), to
   show memory does not grow with the number of genes.
-Every measurement runs in a fresh child process (own RSS, no warm imports); the page cache is warmed
-and dirty pages are flushed (`sync`) before each, so runs do not pay for each other's writes. The
+Every measurement runs in a fresh child process (own RSS, no warm imports). Before each: the inputs
+are read into the page cache (the development VM's kernel reclaims cold page cache on its own:
+DAMON), memory is touched and freed (`prefault_memory`: on that VM, what a run costs otherwise
+depends on how long ago earlier runs freed their memory), and dirty pages are flushed (`sync`), so
+runs do not pay for each other's writes. The
 "load" column is the 1-minute load average when the kept run started: other jobs on the machine
 stretch the seconds (CPU seconds less so), so compare figures from runs at a similar load.
 The cohort comes from `pipeline.synth.synthesize` (in-file generator if that is unavailable) and is
@@ -105,22 +110,41 @@ def child_floor(args: dict) -> dict:
 
 
 def child_write_floor(args: dict) -> dict:
-    """Writing the store's bytes as new 8 MiB files: what any ingest pays on top of reading. Written
-    twice: the second pass, right after deleting the first, shows what the same bytes cost in pages
-    the kernel has just freed. On a VM whose hypervisor backs guest memory lazily (virtio-balloon
-    free-page reporting) the two differ ~10x: the first pass pays for the host backing every page.
-    The CPU seconds printed for this row cover both passes."""
+    """Writing the store's bytes as new 8 MiB files: what any ingest pays on top of reading. Through
+    the page cache the bytes are written twice: the second pass, right after deleting the first, shows
+    what the same bytes cost in pages the kernel has just freed. On a VM whose hypervisor backs guest
+    memory lazily (virtio-balloon free-page reporting) the two differ ~10x: the first pass pays for
+    the host backing every page. The CPU seconds printed for this row cover both passes. With
+    "direct": once, with O_DIRECT as the ingest writes (`pipeline.direct_io`), no page cache."""
+    from pipeline.direct_io import aligned_empty, probe_alignment, write_file
+
     target = Path(args["store"] + ".writefloor")
-    block = np.random.default_rng(0).normal(size=(8 << 20) // 4).astype(np.float32).tobytes()
+    target.mkdir(parents=True, exist_ok=True)
+    align = probe_alignment(target) if args.get("direct") else 0
+    block = aligned_empty(((8 << 20) // 4,), np.float32)
+    block[:] = np.random.default_rng(0).normal(size=block.shape)
     seconds = []
-    for _ in range(2):
+    for _ in range(1 if args.get("direct") else 2):
         target.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        for i in range(-(-args["bytes"] // len(block))):
-            (target / str(i)).write_bytes(block)
+        for i in range(-(-args["bytes"] // block.nbytes)):
+            write_file(target / str(i), block, align)
         seconds.append(time.perf_counter() - started)
         shutil.rmtree(target)
+    if args.get("direct"):
+        return {"seconds": seconds[0], "phases": {"O_DIRECT alignment": align}}
     return {"seconds": seconds[0], "phases": {"rewrite in just-freed pages": round(seconds[1], 2)}}
+
+
+def prefault_memory(gib: float) -> None:
+    """Touch `gib` GiB of fresh memory and free it again. On a VM whose hypervisor backs guest memory
+    lazily and takes back what the guest frees (the development VM: Firecracker, virtio-balloon
+    free-page reporting), the first touch of a page costs ~2.7 s/GiB of CPU, and how many pages a run
+    finds already backed depends on what ran before it. Touching enough memory before every run puts
+    each in the state of any bare-metal machine, whose memory is always backed. --no_prefault shows
+    the other state."""
+    if gib > 0:  # in a child: Linux keeps a process's peak RSS across exec, and the runs report theirs
+        subprocess.run([sys.executable, "-c", f"import numpy; numpy.ones({int(gib * (1 << 30)) // 8})"], check=True)
 
 
 def child_ingest(args: dict) -> dict:
@@ -133,6 +157,7 @@ def child_ingest(args: dict) -> dict:
         IngestConfig(
             gene_embedding_dir=args["gene_dir"], brain_latent_dir=args["latent_dir"], store=args["store"],
             workers=args["workers"], genes=tuple(args["genes"]), overwrite=True, dtype=args.get("dtype", "float32"),
+            direct_io=args.get("direct_io", False),
         )
     )
     return {
@@ -247,6 +272,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="rounds; each timing is the best of them")
     parser.add_argument("--work_dir", type=Path, default=Path("/tmp/genealign_bench_ingest"))
     parser.add_argument("--compressors", action="store_true", help="only measure the compressor choice")
+    parser.add_argument("--prefault_gib", type=float, default=4.0,
+                        help="GiB of memory touched and freed before every run (see prefault_memory)")
+    parser.add_argument("--no_prefault", action="store_true", help="measure in whatever memory state runs leave")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -265,7 +293,8 @@ def main() -> None:
     warm_cache(gene_dir, latent_dir)
     n_latents = sum(1 for _ in os.scandir(latent_dir))
     print(f"cohort: {args.subjects} subjects, {len(all_genes)} gene CSVs, {n_latents} latent files; "
-          f"{os.cpu_count()} CPUs; best of {args.repeat}", flush=True)
+          f"{os.cpu_count()} CPUs; best of {args.repeat}; memory prefaulted before each run: "
+          f"{'no' if args.no_prefault else f'{args.prefault_gib:g} GiB'}", flush=True)
 
     # Every configuration once per round, rounds repeated, best of each kept: the machine's load
     # drifts, and interleaving exposes every configuration to the same drift.
@@ -277,13 +306,20 @@ def main() -> None:
         configs.append((f"floor 1 thread ({n_genes} genes)", "floor", {**common, "threads": 1}, n_genes))
         configs.append((f"write {store_bytes / 2**30:.2f} GiB new files", "write_floor",
                         {"store": store, "bytes": store_bytes}, n_genes))
+        configs.append((f"write {store_bytes / 2**30:.2f} GiB O_DIRECT", "write_floor",
+                        {"store": store, "bytes": store_bytes, "direct": True}, n_genes))
         for workers in (1, 2) if n_genes == len(all_genes) else (1,):
             configs.append((f"ingest workers={workers} ({n_genes} genes)", "ingest",
                             {**common, "store": store, "workers": workers}, n_genes))
+        if n_genes == len(all_genes):
+            configs.append((f"ingest workers=2 O_DIRECT ({n_genes})", "ingest",
+                            {**common, "store": store, "workers": 2, "direct_io": True}, n_genes))
     results: dict[str, dict] = {}
     for _ in range(args.repeat):
         for label, kind, payload, _ in configs:
             shutil.rmtree(store, ignore_errors=True)  # replacing an old store is not what we time
+            warm_cache(gene_dir, latent_dir)
+            prefault_memory(0 if args.no_prefault else args.prefault_gib)
             result = run_child(kind, payload)
             if label not in results or result["seconds"] < results[label]["seconds"]:
                 results[label] = result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,39 @@ def test_ingest_both_spellings_and_info(tmp_path):
     assert again.exit_code == 0 and "up to date" in " ".join(again.output.split())
     info = run("info", "--store", tmp_path / "s.zarr")
     assert info.exit_code == 0 and "APOE" in info.output
+
+
+def test_ingest_direct_io_switch_both_spellings(tmp_path):
+    """--direct-io / --direct_io write past the page cache where the filesystem allows, --no-... (the
+    default) through it; the store is the same."""
+    import numpy as np
+
+    from pipeline import open_store
+
+    gdir, ldir = write_cohort(tmp_path)
+    assert run(*ingest_args(gdir, ldir, tmp_path / "default.zarr")).exit_code == 0
+    reference = open_store(tmp_path / "default.zarr")
+    for spelling in ("--direct-io", "--direct_io", "--no-direct-io", "--no_direct_io"):
+        store = tmp_path / f"{spelling}.zarr"
+        result = run(*ingest_args(gdir, ldir, store, spelling))
+        assert result.exit_code == 0, result.output
+        view = open_store(store)
+        assert view.iid.tolist() == reference.iid.tolist()
+        np.testing.assert_array_equal(np.asarray(view.genes[:]), np.asarray(reference.genes[:]))
+        np.testing.assert_array_equal(np.asarray(view.neuro[:]), np.asarray(reference.neuro[:]))
+
+
+def test_full_disk_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    gdir, ldir = write_cohort(tmp_path)
+    monkeypatch.setattr(os, "pwrite", full)
+    result = run(*ingest_args(gdir, ldir, tmp_path / "s.zarr"))
+    assert_one_line_error(result, "no space left on the device", "free some space")
+    assert not (tmp_path / "s.zarr").exists()
 
 
 def test_missing_directory(tmp_path):

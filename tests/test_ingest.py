@@ -108,6 +108,53 @@ def test_round_trip_float32_matches_source_files(tmp_path, small_chunks, workers
     assert np.array_equal(view.split, store_module.assign_split(view.iid))
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_direct_io_and_page_cache_write_the_same_store(tmp_path, monkeypatch, workers):
+    """Rows wide enough for O_DIRECT (800-byte gene rows, 1,260-byte latents: neither a multiple of
+    512, so reads straddle alignment and files end in a buffered tail), scratch blocks of ~10 rows,
+    chunks of 7 and a dropped subject: with and without direct I/O the store equals the sources."""
+    from pipeline.direct_io import probe_alignment
+
+    monkeypatch.setattr(store_module, "chunk_rows_for", lambda row_bytes, **_: 7)
+    monkeypatch.setattr(ingest_module, "SCRATCH_BLOCK_BYTES", 8 << 10)
+    iids = iids_of(45)
+    gdir, ldir = tmp_path / "genes", tmp_path / "latents"
+    rng = np.random.default_rng(3)
+    for g, gene in enumerate(("APOE", "BDNF")):
+        kept = iids if g == 0 else iids[:20] + iids[21:]  # subject 20 lacks a BDNF row
+        write_gene_csv(gdir, gene, kept, rng.normal(size=(len(kept), 200)).astype(np.float32), seed=g)
+    for i, iid in enumerate(iids):
+        write_latent(ldir, iid, rng.normal(size=(5, 7, 9)).astype(np.float32))
+    opened_direct = []
+    real_open = os.open
+
+    def spying_open(path, flags, *args, **kwargs):
+        if flags & getattr(os, "O_DIRECT", 0):
+            opened_direct.append(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", spying_open)
+
+    stores = {}
+    for direct_io in (True, False):
+        opened_direct.clear()
+        store = tmp_path / f"s{direct_io}.zarr"
+        result = ingest(config(gdir, ldir, store, workers=workers, direct_io=direct_io))
+        assert result.n_kept == 44 and result.dropped == [(iids[20], "missing from gene BDNF")]
+        if workers == 1:  # threads of this process: the patched open sees every file
+            assert bool(opened_direct) == (direct_io and probe_alignment(tmp_path) > 0)
+        view = open_store(store)
+        stores[direct_io] = (np.asarray(view.neuro[:]), np.asarray(view.genes[:]))
+    np.testing.assert_array_equal(stores[True][0], stores[False][0])
+    np.testing.assert_array_equal(stores[True][1], stores[False][1])
+    view = open_store(tmp_path / "sTrue.zarr")
+    for g, gene in enumerate(view.gene_names):
+        reference = source_values(gdir, gene)
+        np.testing.assert_array_equal(stores[True][1][:, g, :], np.stack([reference[i] for i in view.iid]))
+    for row, iid in enumerate(view.iid):
+        np.testing.assert_array_equal(stores[True][0][row], np.load(ldir / f"{iid}_latent.npz")["latent"])
+
+
 def test_float16_within_rounding(tmp_path):
     iids = iids_of(12)
     gdir, ldir = write_cohort(tmp_path, iids)
@@ -590,18 +637,24 @@ def test_float16_overflow_is_an_error(tmp_path):
         ingest(config(gdir, ldir, tmp_path / "s.zarr", dtype="float16"))
 
 
-def test_chunk_writer_matches_zarr_for_plain_and_compressed_arrays(tmp_path):
-    """Chunks written as raw files must read back through zarr exactly, the padded last one too."""
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_chunk_writer_matches_zarr_for_plain_and_compressed_arrays(tmp_path, direct_io):
+    """Chunks written as raw files must read back through zarr exactly, the padded last one too;
+    with O_DIRECT too (chunks of 4 x 3 x 40 float32 = 1,920 bytes: an aligned prefix and a tail)."""
     import zarr
     from zarr.codecs import BloscCodec
 
+    from pipeline.direct_io import probe_alignment
+
+    align = probe_alignment(tmp_path) if direct_io else 0
     group = zarr.open_group(str(tmp_path / "w.zarr"), mode="w", zarr_format=3)
-    data = np.arange(10 * 3 * 4, dtype=np.float32).reshape(10, 3, 4) - 7.5
+    data = np.arange(10 * 3 * 40, dtype=np.float32).reshape(10, 3, 40) - 7.5
     for name, dtype, compressors in (("plain32", "float32", None), ("plain16", "float16", None),
                                      ("blosc", "float32", BloscCodec(cname="lz4"))):
-        array = group.create_array(name, shape=data.shape, dtype=dtype, chunks=(4, 3, 4), compressors=compressors)
-        write = ingest_module._chunk_writer(array)
-        assert write.__name__ == ("write_via_zarr" if compressors else "write_file")
+        array = group.create_array(name, shape=data.shape, dtype=dtype, chunks=(4, 3, 40), compressors=compressors)
+        files = ingest_module._chunk_files(array, range(3), align)
+        assert (files is None) == (compressors is not None)
+        write = files.write if files is not None else ingest_module._zarr_chunk_writer(array)
         for chunk in range(3):
             write(chunk, data[chunk * 4:(chunk + 1) * 4].astype(dtype))
         reread = zarr.open_group(str(tmp_path / "w.zarr"), mode="r")[name][:]
