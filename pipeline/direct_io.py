@@ -19,7 +19,8 @@ guest memory lazily and takes back memory the guest has freed):
   CPU time 20 and 15 s. Which state a run meets depends on what ran before it and how long ago.
 
 So: page cache by default; --direct-io where new memory is slow to come by (such VMs), where the
-page cache is shared and worth keeping (a busy login node), or for a store larger than free memory.
+page cache is shared and worth keeping (a busy login node). Neither case was measured here
+beyond the figures above.
 
 O_DIRECT needs the buffer address, the file offset and the length aligned to the device's logical
 block; what a directory's filesystem accepts is probed once (`probe_alignment`): 512, 4096, or 0
