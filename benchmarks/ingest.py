@@ -12,10 +12,12 @@ Prints, from one run on one cohort:
   against ("workers=2 faster than the floor" presumes a floor that uses one core). Ratios against
   both are printed;
 - writing the store's bytes to new files, through the page cache and with O_DIRECT (what the
-  ingest's writes cost on their own; the ingest writes with O_DIRECT where the filesystem allows);
+  ingest's writes cost on their own: through the page cache by default, O_DIRECT with --direct-io);
 - `ingest` with workers=1 (one process, two threads) and workers=2 (two worker processes), and
   workers=2 with --direct-io: seconds, ratio to the floor, CPU seconds of all its processes, the
   ingest's own phase seconds, peak RSS of the main process and of its largest worker;
+- the `genealign ingest --workers 2` command as a user runs it, timed whole (interpreter start and
+  imports included, which the floor and the rows above leave out);
 - peak RSS of ingest at a second, smaller gene count (--rss_genes, a subset of the same cohort), to
   show memory does not grow with the number of genes.
 Every measurement runs in a fresh child process (own RSS, no warm imports). Before each: the inputs
@@ -177,7 +179,30 @@ def child_main(kind: str, payload: str) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
+def run_cli(args: dict) -> dict:
+    """`genealign ingest` as a user runs it: the whole command, interpreter start and imports
+    included. Its worker processes re-import the console script (spawn does), so this is the row
+    that shows what importing the CLI costs each of them."""
+    script = Path(sys.executable).with_name("genealign")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "alignment.cli"]
+    command += ["ingest", "--gene_embedding_dir", args["gene_dir"], "--brain_latent_dir", args["latent_dir"],
+                "--store", args["store"], "--workers", str(args["workers"]), "--genes", ",".join(args["genes"])]
+    os.sync()
+    load = os.getloadavg()[0]
+    before = os.times()
+    started = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    seconds = time.perf_counter() - started
+    after = os.times()
+    if proc.returncode != 0:
+        raise SystemExit(f"genealign ingest failed:\n{proc.stdout}\n{proc.stderr}")
+    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    return {"seconds": seconds, "cpu_seconds": cpu, "load": load, "rss_self_mib": float("nan"), "rss_workers_mib": 0}
+
+
 def run_child(kind: str, args: dict) -> dict:
+    if kind == "cli":
+        return run_cli(args)
     os.sync()  # earlier runs' dirty pages must not be flushed on this run's time
     load = os.getloadavg()[0]
     proc = subprocess.run(
@@ -314,6 +339,7 @@ def main() -> None:
         if n_genes == len(all_genes):
             configs.append((f"ingest workers=2 O_DIRECT ({n_genes})", "ingest",
                             {**common, "store": store, "workers": 2, "direct_io": True}, n_genes))
+            configs.append(("`genealign ingest` w=2, whole", "cli", {**common, "store": store, "workers": 2}, n_genes))
     results: dict[str, dict] = {}
     for _ in range(args.repeat):
         for label, kind, payload, _ in configs:
@@ -332,10 +358,11 @@ def main() -> None:
           f"{'RSS main MiB':>13} {'RSS worker MiB':>15}  phases")
     for label, result, floor_s, floor1_s in rows:
         workers_rss = f"{result['rss_workers_mib']:.0f}" if "workers=2" in label else "-"
+        main_rss = "-" if result["rss_self_mib"] != result["rss_self_mib"] else f"{result['rss_self_mib']:.0f}"
         print(
             f"{label:<32} {result['seconds']:>8.2f} {result['seconds'] / floor_s:>8.2f} "
             f"{result['seconds'] / floor1_s:>10.2f} {result['cpu_seconds']:>7.1f} "
-            f"{result['load']:>5.1f} {result['rss_self_mib']:>13.0f} {workers_rss:>15}  {result.get('phases', '')}"
+            f"{result['load']:>5.1f} {main_rss:>13} {workers_rss:>15}  {result.get('phases', '')}"
         )
     rss = {n: results[label]["rss_self_mib"] for label, kind, payload, n in configs
            if kind == "ingest" and payload["workers"] == 1}

@@ -3,7 +3,7 @@ page cache (O_DIRECT): `ingest --direct-io`.
 
 The ingest writes every byte twice (scratch, then store) and reads the scratch once. Through the page
 cache (the default) the copy reads the scratch from memory and the store's pages reuse the scratch's
-as its blocks are deleted; the bytes may never reach the disk before the store does. With O_DIRECT
+as the scratch is truncated; the bytes may never reach the disk before the store does. With O_DIRECT
 they go from our buffers to the disk and back, so the page cache never grows by them. Measured on
 10,000 subjects x 111 genes, 2-core development VM (ext4 on virtio, Firecracker: the hypervisor backs
 guest memory lazily and takes back memory the guest has freed):
@@ -85,19 +85,22 @@ def aligned_empty(shape, dtype, align: int = 4096) -> np.ndarray:
     return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
-def write_file(path: Path, data: np.ndarray, align: int) -> None:
-    """Create (or truncate) `path` holding the bytes of `data`. With align > 0 the aligned prefix goes
-    straight to disk (a misaligned `data` is copied into an aligned buffer first) and the tail, under
-    `align` bytes, through the page cache. A full disk is a GenealignError naming the directory."""
+def write_file(path: Path, data: np.ndarray, align: int, offset: int | None = None) -> None:
+    """Create (or truncate) `path` holding the bytes of `data`; with `offset`, write them at that byte
+    of `path` instead (created if missing, never truncated). With align > 0 (and an aligned offset)
+    the aligned prefix goes straight to disk (a misaligned `data` is copied into an aligned buffer
+    first) and the tail, under `align` bytes, through the page cache. A full disk is a
+    GenealignError naming the directory."""
     data = np.ascontiguousarray(data)
     size = data.nbytes
-    direct = size - size % align if align else 0
+    at = offset or 0
+    direct = size - size % align if align and at % align == 0 else 0
     if direct and data.ctypes.data % align:
         staged = aligned_empty(data.shape, data.dtype, align)
         staged[...] = data
         data = staged
     view = memoryview(data.reshape(-1).view(np.uint8))  # (size,) bytes
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if offset is None else 0)
     try:
         fd = os.open(path, flags | os.O_DIRECT if direct else flags, 0o644)
         try:
@@ -105,14 +108,14 @@ def write_file(path: Path, data: np.ndarray, align: int) -> None:
             if direct:
                 try:
                     while done < direct:
-                        done += os.pwrite(fd, view[done:direct], done)
+                        done += os.pwrite(fd, view[done:direct], at + done)
                 except OSError as exc:  # took the probe's write but not this one: all through the cache
                     if exc.errno != errno.EINVAL:
                         raise
                     done = 0
                 fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
             while done < size:
-                done += os.pwrite(fd, view[done:], done)
+                done += os.pwrite(fd, view[done:], at + done)
         finally:
             os.close(fd)
     except OSError as exc:

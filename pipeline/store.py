@@ -20,9 +20,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import zarr
-from zarr.core.buffer.cpu import NDBuffer
+
+if TYPE_CHECKING:  # zarr is imported where it is used: the ingest's worker processes never need it
+    import zarr
 
 from pipeline.atomic import recover_dir
 from pipeline.errors import GenealignError, GeneNotFoundError
@@ -199,6 +202,8 @@ def row_blocks(store: StoreView, rows: np.ndarray, gene_index: int | None = None
 
 def read_into(array, selection, out: np.ndarray) -> None:
     """array[selection] written into `out` (same shape and dtype) without a temporary array."""
+    from zarr.core.buffer.cpu import NDBuffer
+
     array.get_basic_selection(selection, out=NDBuffer.from_numpy_array(out))
 
 
@@ -215,6 +220,8 @@ def open_store(path: str | Path) -> StoreView:
             f"Store {path} does not exist: create it with `genealign ingest --store {path} ...`."
         )
     try:
+        import zarr
+
         group = zarr.open_group(str(path), mode="r")
     except Exception as exc:  # zarr raises several types for "not a group"
         raise GenealignError(f"{path} is not a Zarr store ({exc}); re-run `genealign ingest`.") from exc
@@ -328,14 +335,21 @@ def create_store_arrays(
     row_bytes = (int(np.prod(latent_shape)) + n_genes * dim) * itemsize
     c = chunk_rows or chunk_rows_for(row_bytes)
     c = max(1, min(c, max(n, 1)))
+    import zarr
+
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     group.create_array("iid", shape=(n,), dtype=str, chunks=(max(n, 1),))
     group.create_array("gene_names", shape=(n_genes,), dtype=str, chunks=(max(n_genes, 1),))
     group.create_array("split", shape=(n,), dtype="int8", chunks=(max(n, 1),), compressors=None)
+    # Chunk files side by side ("c.7.0.0"), not zarr's default nested "c/7/0/0": a directory per chunk
+    # was half the ingest's file-system time (mkdir ~0.25-1 ms each on ext4, 392 at 10,000 subjects).
+    flat = {"name": "default", "separator": "."}
     group.create_array(
-        "neuro", shape=(n, *latent_shape), dtype=dtype, chunks=(c, *latent_shape), compressors=compressors
+        "neuro", shape=(n, *latent_shape), dtype=dtype, chunks=(c, *latent_shape), compressors=compressors,
+        chunk_key_encoding=flat,
     )
     group.create_array(
-        "genes", shape=(n, n_genes, dim), dtype=dtype, chunks=(c, n_genes, dim), compressors=compressors
+        "genes", shape=(n, n_genes, dim), dtype=dtype, chunks=(c, n_genes, dim), compressors=compressors,
+        chunk_key_encoding=flat,
     )
     return group

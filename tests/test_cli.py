@@ -206,3 +206,19 @@ def test_evaluate_on_a_store_with_other_genes_is_a_clear_error(tmp_path):
     result = run("evaluate", "--checkpoint", tmp_path / "run" / "best_model.pt", "--store", tmp_path / "o.zarr",
                  "--output_dir", tmp_path / "e")
     assert_one_line_error(result, "APOE")
+
+
+def test_importing_the_cli_loads_neither_torch_nor_zarr():
+    """Spawned ingest workers re-import the `genealign` console script (`alignment.cli`) and import
+    `pipeline.ingest`: neither may load torch (it cost each worker ~1.3 s of CPU before it parsed a
+    CSV) nor zarr (never used in a worker)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, alignment.cli, pipeline.ingest; "
+        "print(sorted(m for m in ('torch', 'zarr', 'pandas') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"

@@ -82,7 +82,7 @@ def source_values(gdir: Path, gene: str, iid_column="IID") -> dict[str, np.ndarr
 @pytest.fixture
 def small_chunks(monkeypatch):
     """7 subjects per chunk, so tiny cohorts span several chunks and a partial last one; scratch
-    blocks of 2 gene rows / 1 latent, so reads straddle blocks and blocks are deleted as consumed."""
+    blocks of 2 gene rows / 1 latent, so O_DIRECT reads straddle blocks."""
     monkeypatch.setattr(store_module, "chunk_rows_for", lambda row_bytes, **_: 7)
     monkeypatch.setattr(ingest_module, "SCRATCH_BLOCK_BYTES", 40)
 
@@ -194,6 +194,58 @@ def test_leading_zero_iids_stay_distinct(tmp_path):
         np.testing.assert_array_equal(
             np.asarray(view.neuro[row]), np.load(ldir / f"{iid}_latent.npz")["latent"]
         )
+
+
+def test_iid_keys_compare_and_sort_like_the_text():
+    """The plan's integer keys, brute force: distinct IIDs get distinct keys, keys sort like the text
+    and give the text back; over 8 characters or not ASCII: no keys (the plan compares text)."""
+    rng = np.random.default_rng(0)
+    alphabet = np.array(list("0123456789-_aZ\x00"))
+    for _ in range(500):
+        texts = ["".join(rng.choice(alphabet, size=rng.integers(1, 9))).rstrip("\x00") or "0" for _ in range(25)]
+        iids = np.array(texts, dtype=str)
+        keys = ingest_module._iid_keys(iids)
+        assert keys is not None and keys.dtype == np.uint64
+        assert len(set(keys.tolist())) == len(set(texts))
+        np.testing.assert_array_equal(iids[np.argsort(keys, kind="stable")], iids[np.argsort(iids, kind="stable")])
+        np.testing.assert_array_equal(ingest_module._iid_text(keys), iids)
+    for text in ("123456789", "sujet-é", "12\u00a0"):
+        assert ingest_module._iid_keys(np.array(["1000001", text])) is None
+
+
+def test_keyed_and_text_plans_give_the_same_store(tmp_path, small_chunks, monkeypatch):
+    iids = iids_of(30) + ["0012345", "12345", "012345"]
+    gdir, ldir = write_cohort(tmp_path, iids)
+    (ldir / f"{iids[3]}_latent.npz").unlink()  # no latent
+    write_gene_csv(gdir, "BDNF", [i for i in iids if i != iids[5]] + ["9999999"], seed=1)  # one missing, one extra
+    texts = []
+    real_text = ingest_module._iid_text
+    monkeypatch.setattr(ingest_module, "_iid_text", lambda keys: texts.append(len(keys)) or real_text(keys))
+    keyed = ingest(config(gdir, ldir, tmp_path / "keyed.zarr"))
+    assert texts == [len(iids) + 1]  # the keyed plan ran
+    monkeypatch.setattr(ingest_module, "_iid_keys", lambda iids: None)
+    text = ingest(config(gdir, ldir, tmp_path / "text.zarr"))
+    assert texts == [len(iids) + 1]  # the text plan ran
+    assert keyed.dropped == text.dropped
+    assert sorted(keyed.dropped) == sorted([(iids[3], "no latent"), (iids[5], "missing from gene BDNF"), ("9999999", "no latent")])
+    a, b = open_store(tmp_path / "keyed.zarr"), open_store(tmp_path / "text.zarr")
+    assert a.iid.tolist() == b.iid.tolist() == sorted(set(iids) - {iids[3], iids[5]})
+    np.testing.assert_array_equal(np.asarray(a.genes[:]), np.asarray(b.genes[:]))
+    np.testing.assert_array_equal(np.asarray(a.neuro[:]), np.asarray(b.neuro[:]))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_long_and_non_ascii_iids_are_joined_as_text(tmp_path, small_chunks, workers):
+    iids = iids_of(12) + ["SUBJECT-000000001", "sujet-é", "0012345"]
+    gdir, ldir = write_cohort(tmp_path, iids)
+    ingest(config(gdir, ldir, tmp_path / "s.zarr", workers=workers))
+    view = open_store(tmp_path / "s.zarr")
+    assert view.iid.tolist() == sorted(iids)
+    reference = source_values(gdir, "COMT")
+    genes = np.asarray(view.genes[:])
+    for row, iid in enumerate(view.iid):
+        np.testing.assert_array_equal(genes[row, 2], reference[iid])
+        np.testing.assert_array_equal(np.asarray(view.neuro[row]), np.load(ldir / f"{iid}_latent.npz")["latent"])
 
 
 def test_latent_key_choice(tmp_path):
@@ -479,23 +531,47 @@ class _LazyExecutor:
 
 
 def test_scratch_shrinks_as_the_store_is_written(tmp_path, small_chunks, monkeypatch):
-    gdir, ldir = write_cohort(tmp_path, iids_of(40))
+    iids = iids_of(40)
+    gdir, ldir = write_cohort(tmp_path, iids)
     monkeypatch.setattr(ingest_module, "ThreadPoolExecutor", _LazyExecutor)
     monkeypatch.setattr(ingest_module, "COPY_TASK_CHUNKS", 1)
-    real_copy, blocks_left = ingest_module._copy_chunks, []
+    monkeypatch.setattr(ingest_module, "TRUNCATE_STEP", 1)  # cut at every row (2 MiB steps in real use)
+    real_copy, seen = ingest_module._copy_chunks, []
 
-    def counting_copy(task):
-        scratch = task.positions_file.parent
-        blocks_left.append(len([p for p in scratch.iterdir() if p.suffix[1:].isdigit()]))
+    def sizing_copy(task):
+        tables = {p.name: p.stat().st_size for p in task.positions_file.parent.glob("*.bin")}
+        seen.append((task.first_chunk, tables))
         real_copy(task)
 
-    monkeypatch.setattr(ingest_module, "_copy_chunks", counting_copy)
+    monkeypatch.setattr(ingest_module, "_copy_chunks", sizing_copy)
     ingest(config(gdir, ldir, tmp_path / "s.zarr"))
-    # 40 latent blocks (1 row each) + 3 genes x 20 blocks (2 rows each); chunks of 7 subjects: before
-    # chunk k, the blocks of the 7k subjects already copied are gone, but for one straddling 2-row block.
-    assert len(blocks_left) == 6
-    assert blocks_left == [100 - 7 * k - 3 * (7 * k // 2) for k in range(6)]
-    np.testing.assert_array_equal(open_store(tmp_path / "s.zarr").iid, sorted(iids_of(40)))
+    latent_row, gene_row = int(np.prod(SHAPE)) * 4, DIM * 4  # float32
+    # Chunks of 7 subjects copied last first: before chunk k, every table ends with the row of the
+    # last subject of chunk k (no drops here: row i of a table = subject i).
+    assert [k for k, _ in seen] == [5, 4, 3, 2, 1, 0]
+    first_tables = seen[0][1]
+    assert sorted(first_tables) == ["gene00000.bin", "gene00001.bin", "gene00002.bin", "latent000.bin"]
+    assert first_tables["latent000.bin"] == 40 * latent_row
+    for name in ("gene00000.bin", "gene00001.bin", "gene00002.bin"):  # the values, then the 40 sorted IIDs
+        assert first_tables[name] == 40 * gene_row + 40 * 7 * 4
+    for k, tables in seen[1:]:
+        rows = 7 * (k + 1)
+        assert tables == {"latent000.bin": rows * latent_row, **{f"gene0000{g}.bin": rows * gene_row for g in range(3)}}
+    np.testing.assert_array_equal(open_store(tmp_path / "s.zarr").iid, sorted(iids))
+
+
+def test_scratch_tables_are_cut_in_aligned_steps(tmp_path, monkeypatch):
+    # A cut inside a page-cache folio zeroes the rest of it: cuts land on multiples of the step, and
+    # only once they free a whole step.
+    monkeypatch.setattr(ingest_module, "TRUNCATE_STEP", 64)
+    table = ingest_module._RowTable.create(tmp_path / "t.bin", width=10, dtype="uint8", align=0)
+    (tmp_path / "t.bin").write_bytes(bytes(range(100)) * 10)  # 100 rows of 10 bytes
+    sizes = []
+    for row, size in [(50, 1000), (47, 512), (40, 512)]:
+        sizes.append(table.truncate_after(row, size))
+        assert (tmp_path / "t.bin").stat().st_size == sizes[-1]
+    assert sizes == [512, 512, 448]  # row 50 ends at 510 -> 512; row 47 (480 -> 512) frees nothing
+    assert (tmp_path / "t.bin").read_bytes() == (bytes(range(100)) * 10)[:448]
 
 
 def test_killed_ingest_leaves_previous_store_readable(tmp_path, small_chunks):
