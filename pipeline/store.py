@@ -10,7 +10,8 @@ Layout (Zarr format 3), row i of every per-subject array is the same subject, ro
 
 plus `ingest_report.json` (every dropped subject with its reason) beside the arrays, and group
 attributes: schema/tool version, sources, per-file fingerprints, counts, latent shape, dtype, split
-fractions and codes, creation time. Chunks hold whole subjects so a chunk read is a batch of subjects.
+fractions and codes, creation time. Chunks hold whole subjects so a chunk read is a batch of subjects;
+their files sit side by side in each array's directory (`genes/c.7.0.0`: chunk key separator ".").
 """
 
 from __future__ import annotations

@@ -64,6 +64,26 @@ def test_write_file_writes_exactly_the_bytes(tmp_path, aligns):
         np.testing.assert_array_equal(np.fromfile(tmp_path / "rows", np.float32).reshape(37, 3, 5), float_rows)
 
 
+
+def test_write_file_at_an_offset_keeps_the_rest_of_the_file(tmp_path, aligns):
+    """`offset=`: the bytes land there (direct when the offset is aligned, else through the cache),
+    nothing before or after them changes, and a missing file is created (a hole before them)."""
+    rng = np.random.default_rng(1)
+    for align in aligns:
+        for at in (0, 3, 512, 4096, 5000):
+            for size in (1, 512, 4097):
+                old = rng.integers(0, 256, 12_000, dtype=np.uint8).tobytes()
+                data = aligned_empty((size,), np.uint8)
+                data[:] = rng.integers(0, 256, size, dtype=np.uint8)
+                path = tmp_path / f"o{align}_{at}_{size}"
+                path.write_bytes(old)
+                write_file(path, data, align, offset=at)
+                expected = old[:at] + data.tobytes() + old[at + size:]
+                assert path.read_bytes() == expected
+                fresh = tmp_path / f"n{align}_{at}_{size}"
+                write_file(fresh, data, align, offset=at)
+                assert fresh.read_bytes() == bytes(at) + data.tobytes()
+
 def test_read_range_returns_exactly_the_bytes(tmp_path, aligns):
     rng = np.random.default_rng(1)
     data = rng.integers(0, 256, 50_000, dtype=np.uint8)
