@@ -112,11 +112,14 @@ def test_round_trip_float32_matches_source_files(tmp_path, small_chunks, workers
 def test_direct_io_and_page_cache_write_the_same_store(tmp_path, monkeypatch, workers):
     """Rows wide enough for O_DIRECT (800-byte gene rows, 1,260-byte latents: neither a multiple of
     512, so reads straddle alignment and files end in a buffered tail), scratch blocks of ~10 rows,
-    chunks of 7 and a dropped subject: with and without direct I/O the store equals the sources."""
+    tables cut as the copy goes, chunks of 7 and a dropped subject: with and without direct I/O the
+    store equals the sources."""
     from pipeline.direct_io import probe_alignment
 
     monkeypatch.setattr(store_module, "chunk_rows_for", lambda row_bytes, **_: 7)
     monkeypatch.setattr(ingest_module, "SCRATCH_BLOCK_BYTES", 8 << 10)
+    # tables cut every 100 bytes: direct reads then meet ends of file that are not aligned
+    monkeypatch.setattr(ingest_module, "TRUNCATE_STEP", 100)
     iids = iids_of(45)
     gdir, ldir = tmp_path / "genes", tmp_path / "latents"
     rng = np.random.default_rng(3)
@@ -134,13 +137,18 @@ def test_direct_io_and_page_cache_write_the_same_store(tmp_path, monkeypatch, wo
         return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", spying_open)
+    cuts = []
+    real_truncate = os.truncate
+    monkeypatch.setattr(os, "truncate", lambda path, size: cuts.append(size) or real_truncate(path, size))
 
     stores = {}
     for direct_io in (True, False):
         opened_direct.clear()
+        cuts.clear()
         store = tmp_path / f"s{direct_io}.zarr"
         result = ingest(config(gdir, ldir, store, workers=workers, direct_io=direct_io))
         assert result.n_kept == 44 and result.dropped == [(iids[20], "missing from gene BDNF")]
+        assert len(cuts) >= 3 and any(size % 512 for size in cuts)  # every table cut, at unaligned ends
         if workers == 1:  # threads of this process: the patched open sees every file
             assert bool(opened_direct) == (direct_io and probe_alignment(tmp_path) > 0)
         view = open_store(store)
