@@ -9,9 +9,9 @@ they go from our buffers to the disk and back, so the page cache never grows by 
 guest memory lazily and takes back memory the guest has freed):
 
 - memory already backed (as on any bare-metal machine; here: right after another job touched and
-  freed it), `benchmarks/ingest.py`, two runs: through the page cache workers=2 took 5.8 s; with
-  O_DIRECT 7.3-7.6 s: the copy then waits on the disk for the scratch's 1.5 GB round trip (2.0-2.2 s
-  against 0.6 s from memory). An earlier version of the ingest measured the same gap with workers=1
+  freed it), `benchmarks/ingest.py`, three runs: through the page cache workers=2 took 5.8-6.0 s;
+  with O_DIRECT 7.2-7.6 s: the copy then waits on the disk for the scratch's 1.5 GB round trip
+  (2.0-2.2 s against 0.6 s from memory). An earlier version of the ingest measured the same gap with workers=1
   (7.0-7.9 s against 9.5-10.2 s).
 - memory not backed (the first run after the machine sat idle): each new page of page cache costs
   the hypervisor ~2.7 s/GiB of CPU (`dd` of 1.5 GiB: 3.85 s of CPU into new page cache, 0.16 s with
