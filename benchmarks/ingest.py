@@ -197,7 +197,7 @@ def run_cli(args: dict) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"genealign ingest failed:\n{proc.stdout}\n{proc.stderr}")
     cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
-    return {"seconds": seconds, "cpu_seconds": cpu, "load": load, "rss_self_mib": float("nan"), "rss_workers_mib": 0}
+    return {"seconds": seconds, "cpu_seconds": cpu, "load": load, "rss_self_mib": None, "rss_workers_mib": 0}
 
 
 def run_child(kind: str, args: dict) -> dict:
@@ -358,7 +358,7 @@ def main() -> None:
           f"{'RSS main MiB':>13} {'RSS worker MiB':>15}  phases")
     for label, result, floor_s, floor1_s in rows:
         workers_rss = f"{result['rss_workers_mib']:.0f}" if "workers=2" in label else "-"
-        main_rss = "-" if result["rss_self_mib"] != result["rss_self_mib"] else f"{result['rss_self_mib']:.0f}"
+        main_rss = "-" if result["rss_self_mib"] is None else f"{result['rss_self_mib']:.0f}"
         print(
             f"{label:<32} {result['seconds']:>8.2f} {result['seconds'] / floor_s:>8.2f} "
             f"{result['seconds'] / floor1_s:>10.2f} {result['cpu_seconds']:>7.1f} "

@@ -547,6 +547,7 @@ def test_scratch_shrinks_as_the_store_is_written(tmp_path, small_chunks, monkeyp
     real_copy, seen = ingest_module._copy_chunks, []
 
     def sizing_copy(task):
+        assert task.neuro_files is not None and task.genes_files is not None  # the store's chunks as files
         tables = {p.name: p.stat().st_size for p in task.positions_file.parent.glob("*.bin")}
         seen.append((task.first_chunk, tables))
         real_copy(task)
@@ -733,11 +734,17 @@ def test_chunk_writer_matches_zarr_for_plain_and_compressed_arrays(tmp_path, dir
     align = probe_alignment(tmp_path) if direct_io else 0
     group = zarr.open_group(str(tmp_path / "w.zarr"), mode="w", zarr_format=3)
     data = np.arange(10 * 3 * 40, dtype=np.float32).reshape(10, 3, 40) - 7.5
-    for name, dtype, compressors in (("plain32", "float32", None), ("plain16", "float16", None),
-                                     ("blosc", "float32", BloscCodec(cname="lz4"))):
-        array = group.create_array(name, shape=data.shape, dtype=dtype, chunks=(4, 3, 40), compressors=compressors)
+    flat, nested = {"name": "default", "separator": "."}, {"name": "default", "separator": "/"}
+    for name, dtype, compressors, keys, as_files in (
+        ("plain32", "float32", None, flat, True),  # the store's layout: written as files
+        ("plain16", "float16", None, flat, True),
+        ("nested", "float32", None, nested, False),  # chunk files in directories: through zarr
+        ("blosc", "float32", BloscCodec(cname="lz4"), flat, False),
+    ):
+        array = group.create_array(name, shape=data.shape, dtype=dtype, chunks=(4, 3, 40), compressors=compressors,
+                                   chunk_key_encoding=keys)
         files = ingest_module._chunk_files(array, range(3), align)
-        assert (files is None) == (compressors is not None)
+        assert (files is not None) == as_files
         write = files.write if files is not None else ingest_module._zarr_chunk_writer(array)
         for chunk in range(3):
             write(chunk, data[chunk * 4:(chunk + 1) * 4].astype(dtype))
