@@ -15,12 +15,45 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 from rich.table import Table
 
 from pipeline.errors import GenealignError
 
+class _Group(TyperGroup):
+    """Accepts the seed's underscore spelling of every option (`--batch_size`) as the dashed one
+    (`--batch-size`), so help shows one name per option and fits 80 columns."""
+
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, [_dashed(a) for a in args])
+
+    def get_help_option(self, ctx):
+        return _as_flag(super().get_help_option(ctx))
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is not None:
+            _as_flag(command.get_help_option(ctx))
+        return command
+
+
+def _as_flag(option):
+    """Show --help as the flag it is (no value placeholder)."""
+    if option is not None:
+        option.metavar = ""
+    return option
+
+
+def _dashed(arg: str) -> str:
+    if not arg.startswith("--") or arg == "--":
+        return arg
+    name, sep, value = arg.partition("=")
+    return name.replace("_", "-") + sep + value
+
+
 app = typer.Typer(
     name="genealign",
+    cls=_Group,
     help=(
         "Align per-gene embeddings with brain MRI latents by contrastive learning, and measure the "
         "alignment honestly (cross-modal retrieval with pool size, direction, chance level, CIs and "
@@ -36,15 +69,35 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def _names(name: str) -> tuple[str, ...]:
-    """Both spellings of an option: --batch-size and --batch_size."""
-    dashed = "--" + name.replace("_", "-")
-    under = "--" + name
-    return (dashed, under) if dashed != under else (dashed,)
+def opt(name: str, help: str, panel: str | None = None, **kwargs):
+    """An option spelled --dashed-name (the seed's --underscored_name is accepted too, see _Group)."""
+    return typer.Option("--" + name.replace("_", "-"), help=help, rich_help_panel=panel, **kwargs)
 
 
-def opt(name: str, help: str, **kwargs):
-    return typer.Option(*_names(name), help=help, **kwargs)
+def flag(name: str, help: str, panel: str | None = None):
+    """An on/off option: --name / --no-name."""
+    dashed = name.replace("_", "-")
+    return typer.Option(f"--{dashed}/--no-{dashed}", help=help, rich_help_panel=panel, metavar="")
+
+
+def switch(name: str, help: str, panel: str | None = None):
+    """An option that is off unless given: --name."""
+    return typer.Option("--" + name.replace("_", "-"), help=help, rich_help_panel=panel, metavar="")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"genealign {version('genealign')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, metavar="", help="Print the version and exit.")] = False,
+) -> None:
+    """Align per-gene embeddings with brain MRI latents; measure the alignment honestly."""
 
 
 def _is_main_process() -> bool:
@@ -248,69 +301,63 @@ class _TrainProgress:
         self.progress.stop()
 
 
+D, M, T, O = "Data", "Model", "Training", "Output"
+_PRESET_HELP = "Default: from the preset."
+
+
 @app.command()
 @friendly
 def train(
-    output_dir: Annotated[Path, opt("output_dir", "Where checkpoints, config.json, metrics.jsonl and curves.png go.")],
-    store: Annotated[Optional[Path], opt("store", "Store written by `genealign ingest`.")] = None,
-    gene_embedding_dir: Annotated[Optional[Path], opt("gene_embedding_dir", "Seed-style input: ingest this folder first (cached in OUTPUT_DIR/store.zarr).")] = None,
-    brain_latent_dir: Annotated[Optional[Path], opt("brain_latent_dir", "Seed-style input, with --gene_embedding_dir.")] = None,
-    iid_column: Annotated[str, opt("iid_column", "IID column (seed-style input only).")] = "IID",
-    mode: Annotated[str, opt("mode", "single (one gene, linear projections) or sequence (transformer over all genes).")] = "sequence",
-    single_gene_name: Annotated[Optional[str], opt("single_gene_name", "Gene for --mode single, e.g. APOE.")] = None,
-    batch_size: Annotated[int, opt("batch_size", "Subjects per micro-batch per process.")] = 64,
-    num_epochs: Annotated[int, opt("num_epochs", "Epochs.")] = 100,
-    learning_rate: Annotated[float, opt("learning_rate", "Peak learning rate (AdamW).")] = 1e-4,
-    weight_decay: Annotated[float, opt("weight_decay", "AdamW weight decay (not on biases, norms, temperature, CLS, positions).")] = 0.01,
-    warmup_fraction: Annotated[float, opt("warmup_fraction", "Fraction of steps of linear LR warmup before cosine decay.")] = 0.05,
-    gradient_accumulation_steps: Annotated[int, opt("gradient_accumulation_steps", "Micro-batches per optimizer step; negatives span all of them.")] = 1,
-    projection_dim: Annotated[int, opt("projection_dim", "Width of the shared embedding space.")] = 512,
-    transformer_hidden_dim: Annotated[int, opt("transformer_hidden_dim", "Transformer width (sequence mode).")] = 512,
-    transformer_num_layers: Annotated[int, opt("transformer_num_layers", "Transformer layers.")] = 4,
-    transformer_num_heads: Annotated[int, opt("transformer_num_heads", "Attention heads.")] = 8,
-    transformer_pooling: Annotated[str, opt("transformer_pooling", "mean, max or cls.")] = "mean",
-    neuro_hidden_dim: Annotated[Optional[int], opt("neuro_hidden_dim", "Optional hidden layer of the neuro encoder.")] = None,
-    dropout: Annotated[float, opt("dropout", "Dropout.")] = 0.1,
-    logit_scale_init: Annotated[float, opt("logit_scale_init", "Initial log inverse temperature (ln(1/0.07)).")] = 2.6592,
-    use_transformer: Annotated[bool, opt("use_transformer", "Seed flag: implies --mode sequence.")] = False,
-    loss: Annotated[str, opt("loss", "clip (symmetric InfoNCE) or siglip (sigmoid, for small batches).")] = "clip",
-    neuro_pca_dim: Annotated[int, opt("neuro_pca_dim", "PCA-whitening front-end for the latent, fitted on train (0 = off).")] = 256,
-    gene_pca_dim: Annotated[int, opt("gene_pca_dim", "Per-gene PCA-whitening front-end, fitted on train (0 = off).")] = 32,
-    gene_projection: Annotated[str, opt("gene_projection", "Sequence mode input projection: per_gene (one per gene) or shared (the seed's).")] = "per_gene",
-    gene_group_lasso: Annotated[float, opt("gene_group_lasso", "Group lasso on the per-gene input projections: shrinks each gene's block after every step; a block without a consistent gradient reaches exactly 0 (0 = off; the demo uses 0.3).")] = 0.0,
-    seed: Annotated[int, opt("seed", "One seed for init, batches and dropout.")] = 42,
-    save_every: Annotated[int, opt("save_every", "Also keep checkpoint_epoch_N.pt every N epochs (0 = never).")] = 10,
-    patience: Annotated[int, opt("patience", "Stop after N epochs without val improvement (0 = off).")] = 0,
-    data_placement: Annotated[str, opt("data_placement", "auto, device (GPU), memory (host RAM) or stream (chunks from disk).")] = "auto",
-    device: Annotated[str, opt("device", "auto, cpu, cuda or cuda:N.")] = "auto",
-    resume: Annotated[Optional[Path], opt("resume", "Continue the killed run in this OUTPUT_DIR from its last.pt.")] = None,
+    store: Annotated[Optional[Path], opt("store", "Store written by `genealign ingest`.", D)] = None,
+    gene_embedding_dir: Annotated[Optional[Path], opt("gene_embedding_dir", "Seed-style input: ingest this folder first (into OUTPUT_DIR/store.zarr).", D)] = None,
+    brain_latent_dir: Annotated[Optional[Path], opt("brain_latent_dir", "Seed-style input, with --gene-embedding-dir.", D)] = None,
+    iid_column: Annotated[str, opt("iid_column", "IID column (seed-style input only).", D)] = "IID",
+    mode: Annotated[Optional[str], opt("mode", "single (one gene, linear) or sequence (transformer over all genes; default).", D)] = None,
+    single_gene_name: Annotated[Optional[str], opt("single_gene_name", "Gene for --mode single, e.g. APOE.", D)] = None,
+    config: Annotated[Optional[Path], opt("config", "Settings file (e.g. `genealign tune`'s best_config.json), between the preset and the flags.", M)] = None,
+    preset: Annotated[Optional[str], opt("preset", "cpu-small (measured demo settings), gpu (a starting point) or seed (the seed's defaults). Default: chosen from the data and device.", M)] = None,
+    projection_dim: Annotated[Optional[int], opt("projection_dim", "Width of the shared embedding space. " + _PRESET_HELP, M)] = None,
+    transformer_hidden_dim: Annotated[Optional[int], opt("transformer_hidden_dim", "Transformer width. " + _PRESET_HELP, M)] = None,
+    transformer_num_layers: Annotated[Optional[int], opt("transformer_num_layers", "Transformer layers. " + _PRESET_HELP, M)] = None,
+    transformer_num_heads: Annotated[Optional[int], opt("transformer_num_heads", "Attention heads. " + _PRESET_HELP, M)] = None,
+    transformer_pooling: Annotated[Optional[str], opt("transformer_pooling", "mean, max or cls. " + _PRESET_HELP, M)] = None,
+    neuro_hidden_dim: Annotated[Optional[int], opt("neuro_hidden_dim", "Optional hidden layer of the neuro encoder.", M)] = None,
+    dropout: Annotated[Optional[float], opt("dropout", "Dropout. " + _PRESET_HELP, M)] = None,
+    logit_scale_init: Annotated[Optional[float], opt("logit_scale_init", "Initial log inverse temperature (ln(1/0.07)).", M)] = None,
+    use_transformer: Annotated[bool, switch("use_transformer", "Seed flag: same as --mode sequence.", M)] = False,
+    loss: Annotated[Optional[str], opt("loss", "clip (symmetric InfoNCE) or siglip (sigmoid).", M)] = None,
+    neuro_pca_dim: Annotated[Optional[int], opt("neuro_pca_dim", "Latent PCA-whitening width, fitted on train (0 = off). Preset values are capped to fit the data.", M)] = None,
+    gene_pca_dim: Annotated[Optional[int], opt("gene_pca_dim", "Per-gene PCA-whitening width (0 = off). Capped like --neuro-pca-dim.", M)] = None,
+    gene_projection: Annotated[Optional[str], opt("gene_projection", "Sequence input projection: per_gene or shared (the seed's).", M)] = None,
+    batch_size: Annotated[Optional[int], opt("batch_size", "Subjects per micro-batch per process. " + _PRESET_HELP, T)] = None,
+    num_epochs: Annotated[Optional[int], opt("num_epochs", "Epochs. " + _PRESET_HELP, T)] = None,
+    learning_rate: Annotated[Optional[float], opt("learning_rate", "Peak learning rate (AdamW). " + _PRESET_HELP, T)] = None,
+    weight_decay: Annotated[Optional[float], opt("weight_decay", "AdamW weight decay on matrices. " + _PRESET_HELP, T)] = None,
+    warmup_fraction: Annotated[Optional[float], opt("warmup_fraction", "Fraction of steps of linear LR warmup.", T)] = None,
+    gradient_accumulation_steps: Annotated[Optional[int], opt("gradient_accumulation_steps", "Micro-batches per optimizer step; negatives span all.", T)] = None,
+    gene_group_lasso: Annotated[Optional[float], opt("gene_group_lasso", "Group lasso on per-gene input projections (0 = off). " + _PRESET_HELP, T)] = None,
+    seed: Annotated[Optional[int], opt("seed", "One seed for init, batches and dropout.", T)] = None,
+    patience: Annotated[Optional[int], opt("patience", "Stop after N epochs without val gain (0 = off). " + _PRESET_HELP, T)] = None,
+    data_placement: Annotated[Optional[str], opt("data_placement", "auto, device (GPU), memory (RAM) or stream (disk).", T)] = None,
+    device: Annotated[Optional[str], opt("device", "auto, cpu, cuda or cuda:N.", T)] = None,
+    output_dir: Annotated[Optional[Path], opt("output_dir", "Folder for checkpoints, config.json, metrics.jsonl, curves.png.", O)] = None,
+    save_every: Annotated[Optional[int], opt("save_every", "Also keep checkpoint_epoch_N.pt every N epochs (0 = never).", O)] = None,
+    resume: Annotated[Optional[Path], opt("resume", "Continue the run in this folder; its settings come from its config.json.", O)] = None,
+    extend: Annotated[bool, switch("extend", "With --resume and --num-epochs N: lengthen the saved schedule.", O)] = False,
+    overwrite: Annotated[bool, switch("overwrite", "Replace a previous run in --output-dir (its train files only).", O)] = False,
+    log: Annotated[Optional[str], opt("log", "Also log per-epoch figures: tensorboard (pip install 'genealign\\[tensorboard]').", O)] = None,
 ) -> None:
     """Train single-gene or multi-gene (sequence) alignment from a store."""
-    from alignment.model import ModelConfig
-    from alignment.train import TrainConfig, train as run_train
+    given = {k: v for k, v in locals().items() if v is not None}
+    from alignment.settings import run_training, train_request
 
     if use_transformer and mode == "single":
-        raise GenealignError("--use_transformer needs --mode sequence (single mode uses linear projections).")
-    if resume is not None and Path(resume) != Path(output_dir):
-        raise GenealignError(f"--resume {resume} must be the run's --output_dir ({output_dir}).")
-    store = _store_for_training(store, gene_embedding_dir, brain_latent_dir, iid_column, output_dir)
-    model_config = ModelConfig(
-        mode=mode, projection_dim=projection_dim, transformer_hidden_dim=transformer_hidden_dim,
-        transformer_num_layers=transformer_num_layers, transformer_num_heads=transformer_num_heads,
-        transformer_pooling=transformer_pooling, neuro_hidden_dim=neuro_hidden_dim, dropout=dropout,
-        logit_scale_init=logit_scale_init, loss=loss, neuro_pca_dim=neuro_pca_dim, gene_pca_dim=gene_pca_dim,
-        gene_projection=gene_projection,
-    )
-    config = TrainConfig(
-        store=str(store), output_dir=str(output_dir), mode=mode, single_gene_name=single_gene_name,
-        batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps, num_epochs=num_epochs,
-        learning_rate=learning_rate, weight_decay=weight_decay, warmup_fraction=warmup_fraction, seed=seed,
-        save_every=save_every, patience=patience, data_placement=data_placement, device=device,
-        resume=resume is not None, gene_group_lasso=gene_group_lasso,
-    )
+        raise GenealignError("--use-transformer needs --mode sequence (single mode uses linear projections).")
+    if resume is None:
+        given["store"] = _store_for_training(store, gene_embedding_dir, brain_latent_dir, iid_column, output_dir)
     bar = _TrainProgress() if _is_main_process() else None
     try:
-        result = run_train(config, model_config, progress=bar)
+        resolved, result = run_training(train_request(given), progress=bar, say=lambda m: console.print(m, style="dim", markup=False, highlight=False))
     finally:
         if bar:
             bar.close()
@@ -320,10 +367,9 @@ def train(
             f"[bold]Best epoch {result.best_epoch}[/bold] of {result.epochs_run}"
             + (" (stopped early)" if result.stopped_early else "")
             + f": val top-1 neuro->gene {best.get('val_top1_neuro_to_gene', float('nan')):.3f}, "
-            f"gene->neuro {best.get('val_top1_gene_to_neuro', float('nan')):.3f} out of a pool of "
-            f"{best.get('val_pool_size', 0)} (chance {best.get('val_chance_top1', float('nan')):.4f}).\n"
-            f"Checkpoint {result.best_checkpoint}; curves {result.output_dir / 'curves.png'}. "
-            f"Next: genealign evaluate --checkpoint {result.best_checkpoint} --store {store}"
+            f"gene->neuro {best.get('val_top1_gene_to_neuro', float('nan')):.3f}, pool "
+            f"{best.get('val_pool_size', 0):,} (chance {best.get('val_chance_top1', float('nan')):.4f}).\n"
+            f"Checkpoint {result.best_checkpoint}. Next: genealign evaluate --checkpoint {result.output_dir}"
         )
 
 
@@ -331,6 +377,8 @@ def _store_for_training(store, gene_embedding_dir, brain_latent_dir, iid_column,
     """--store, or the seed's --gene_embedding_dir/--brain_latent_dir ingested into OUTPUT_DIR/store.zarr."""
     if store is not None:
         return store
+    if output_dir is None:
+        raise GenealignError("Give --output-dir DIR for the new run (or --resume DIR to continue one).")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise GenealignError("Under torchrun pass --store (run `genealign ingest` once before launching).")
     if gene_embedding_dir is None or brain_latent_dir is None:
@@ -350,35 +398,27 @@ def _store_for_training(store, gene_embedding_dir, brain_latent_dir, iid_column,
 
 # ------------------------------------------------------------------------------------------ evaluate
 def _print_rows(rows: list[dict], pool_size: int, n: int, title: str) -> None:
-    """Rich version of report.md's headline table: top-1 with 95% intervals in both directions at the
-    headline pool, the whole split's figures when that is a different pool, permutation p-values raw
-    and Holm-adjusted over the table."""
+    """The headline table, sized for 80 columns: top-1 with its 95% interval in both directions at
+    the headline pool and the whole-split permutation p-value (raw, Holm-adjusted over the table).
+    report.md has every figure (whole split, other pools, top-5/10, MRR)."""
     from alignment.report import holm_cells
 
     directions = {"neuro_to_gene": "neuro→gene", "gene_to_neuro": "gene→neuro"}
-    whole_too = pool_size != n
     holm = holm_cells(rows, directions)
-    table = Table(title=title, header_style="bold", caption=f"pool = {pool_size:,} subjects; [95% CI]; "
-                  f"p = permutation p-value of whole-split top-1 (N = {n:,}), (Holm-adjusted over "
-                  f"the table's {len(holm)} p-values)")
-    table.add_column("method", overflow="fold")
+    table = Table(title=title, header_style="bold", caption=f"top-1 in a pool of {pool_size:,} [95% CI]; p: "
+                  f"permutation p of whole-split top-1 (N = {n:,}), (Holm over {len(holm)})")
+    table.add_column("method", overflow="fold", max_width=30)
     for arrow in directions.values():
-        table.add_column(f"{arrow}\npool {pool_size:,}", justify="right")
-        if whole_too:
-            table.add_column(f"{arrow}\nall {n:,}", justify="right")
-        table.add_column("p", justify="right")
-
-    def fmt(value, ci=None) -> str:
-        text = f"{value:.3f}"
-        return text + (f"\n[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-
+        table.add_column(arrow, justify="right", no_wrap=True)
+    table.add_column("p n→g\n(Holm)", justify="right", no_wrap=True)
+    table.add_column("p g→n\n(Holm)", justify="right", no_wrap=True)
     for i, row in enumerate(rows):
         cells = [f"[bold]{row['name']}[/bold]" if row["method"] == "model" else row["name"]]
         for direction in directions:
+            ci = row.get(f"ci_{direction}")
+            cells.append(f"{row[f'top1_{direction}']:.3f}" + (f"\n[{ci[0]:.3f},{ci[1]:.3f}]" if ci else ""))
+        for direction in directions:
             p = row.get(f"p_{direction}")
-            cells.append(fmt(row[f"top1_{direction}"], row.get(f"ci_{direction}")))
-            if whole_too:
-                cells.append(fmt(row[f"top1_all_{direction}"], row.get(f"ci_all_{direction}")))
             cells.append("—" if p is None else f"{p:.2g}\n({holm[(i, direction)]:.2g})")
         table.add_row(*cells)
     console.print(table)
@@ -387,21 +427,20 @@ def _print_rows(rows: list[dict], pool_size: int, n: int, title: str) -> None:
 @app.command()
 @friendly
 def evaluate(
-    checkpoint: Annotated[Path, opt("checkpoint", "A checkpoint written by `genealign train` (e.g. D/best_model.pt).")],
-    store: Annotated[Path, opt("store", "The store to evaluate on (the one it was trained from, or a compatible one).")],
-    output_dir: Annotated[Optional[Path], opt("output_dir", "Where metrics.json, report.md and plots go (default: next to the checkpoint).")] = None,
-    split: Annotated[str, opt("split", "train, val, test or all.")] = "test",
-    pool_sizes: Annotated[str, opt("pool_sizes", "Comma-separated pool sizes; 'all' = the whole split.")] = "300,1000,all",
-    draws: Annotated[int, opt("draws", "Random pools drawn per pool size.")] = 30,
-    bootstrap: Annotated[int, opt("bootstrap", "Bootstrap resamples for the whole-split 95% intervals.")] = 1000,
-    permutations: Annotated[int, opt("permutations", "Pairing permutations for the top-1 p-value.")] = 1000,
-    baselines: Annotated[str, opt("baselines", "Comma-separated baselines fitted on train: cca, pls, or none.")] = "cca,pls",
-    oracle: Annotated[bool, typer.Option(
-        "--oracle/--no-oracle", " /--no_oracle",
-        help="Add the generator's oracle when the store came from `genealign synth`.")] = True,
-    seed: Annotated[int, opt("seed", "Seed of pools, bootstrap and permutations.")] = 0,
-    device: Annotated[str, opt("device", "auto, cpu, cuda or cuda:N.")] = "auto",
-    batch_size: Annotated[int, opt("batch_size", "Rows embedded per batch.")] = 512,
+    checkpoint: Annotated[Path, opt("checkpoint", "A run folder of `genealign train`, or a checkpoint file in it.", D)],
+    store: Annotated[Optional[Path], opt("store", "Store to evaluate on. Default: the one the checkpoint was trained on.", D)] = None,
+    split: Annotated[str, opt("split", "train, val, test or all.", D)] = "test",
+    pool_sizes: Annotated[str, opt("pool_sizes", "Comma-separated pool sizes; 'all' = the whole split.", "Retrieval")] = "300,1000,all",
+    draws: Annotated[int, opt("draws", "Random pools drawn per pool size.", "Retrieval")] = 30,
+    bootstrap: Annotated[int, opt("bootstrap", "Bootstrap resamples for the 95% intervals.", "Retrieval")] = 1000,
+    permutations: Annotated[int, opt("permutations", "Pairing permutations for the p-value.", "Retrieval")] = 1000,
+    baselines: Annotated[str, opt("baselines", "Comma-separated baselines fitted on train, or none.", "Retrieval")] = "cca,pls",
+    oracle: Annotated[bool, flag("oracle", "Add the generator's oracle (stores made by `genealign synth`).", "Retrieval")] = True,
+    seed: Annotated[int, opt("seed", "Seed of pools, bootstrap and permutations.", "Retrieval")] = 0,
+    device: Annotated[str, opt("device", "auto, cpu, cuda or cuda:N.", "Retrieval")] = "auto",
+    batch_size: Annotated[int, opt("batch_size", "Rows embedded per batch.", "Retrieval")] = 512,
+    output_dir: Annotated[Optional[Path], opt("output_dir", "Where metrics.json, report.md and plots go. Default: RUN/eval_SPLIT.", O)] = None,
+    overwrite: Annotated[bool, switch("overwrite", "Replace another checkpoint's evaluation in --output-dir.", O)] = False,
 ) -> None:
     """Evaluate a checkpoint on a held-out split: retrieval both ways with pools, CIs, p-values, baselines."""
     from alignment.evaluate import EvalConfig, evaluate as run_evaluate
@@ -411,14 +450,13 @@ def evaluate(
         EvalConfig(checkpoint=checkpoint, store=store, split=split,
                    pool_sizes=tuple(p.strip() for p in pool_sizes.split(",") if p.strip()), draws=draws,
                    bootstrap=bootstrap, permutations=permutations, baselines=chosen, output_dir=output_dir,
-                   seed=seed, device=device, batch_size=batch_size, oracle=oracle),
-        progress=lambda message: console.print(f"[dim]{message}[/dim]"),
+                   seed=seed, device=device, batch_size=batch_size, oracle=oracle, overwrite=overwrite),
+        progress=lambda message: console.print(message, style="dim", markup=False, highlight=False),
     )
     rows = result.headline
     pool = rows[0]["pool_size"] if rows else 0
-    _print_rows(rows, pool, result.metrics["n_subjects"],
-                f"{split} split: top-1 retrieval (chance = 1/pool)")
-    console.print(f"Report {result.report_path}; figures in {result.output_dir} ({result.seconds:.0f}s).")
+    _print_rows(rows, pool, result.metrics["n_subjects"], f"{split} split: top-1 retrieval, chance = 1/pool")
+    console.print(f"Report {result.report_path} ({result.seconds:.0f}s).", markup=False, highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------- demo
@@ -427,21 +465,116 @@ def evaluate(
 def demo(
     output_dir: Annotated[Path, opt("output_dir", "Where the cohort, store, runs and report go.")] = Path("data/demo"),
     subjects: Annotated[int, opt("subjects", "Cohort size (the test split must hold >= 1,000 subjects).")] = 8000,
-    null: Annotated[bool, opt("null", "Run on a cohort with no gene->brain signal (every figure should sit at chance).")] = False,
+    null: Annotated[bool, flag("null", "Use a cohort with no gene->brain signal (every figure should sit at chance).")] = False,
     device: Annotated[str, opt("device", "auto, cpu, cuda or cuda:N.")] = "auto",
+    overwrite: Annotated[bool, switch("overwrite", "Use --output-dir even if it holds files the demo did not write.")] = False,
 ) -> None:
     """The whole job on the built-in cohort: synth -> ingest -> train both modes -> evaluate -> compare."""
     from alignment.demo import DemoConfig, run_demo
 
     bar = _TrainProgress()
     try:
-        result = run_demo(DemoConfig(output_dir=output_dir, subjects=subjects, null=null, device=device),
-                          log=lambda message: console.print(message, highlight=False), progress=bar)
+        result = run_demo(DemoConfig(output_dir=output_dir, subjects=subjects, null=null, device=device, overwrite=overwrite),
+                          log=lambda message: console.print(message, highlight=False, markup=False), progress=bar)
     finally:
         bar.close()
     _print_rows(result.rows, result.pool_size, result.n_test,
-                f"Held-out test split (N = {result.n_test:,}): top-1 retrieval, chance = 1/pool")
-    console.print(f"Report: [bold]{result.report}[/bold]")
+                f"Held-out test split (N = {result.n_test:,}): top-1, chance = 1/pool")
+    console.print(f"Report: {result.report}", markup=False, highlight=False)
+
+
+# --------------------------------------------------------------------------------------------- sweep
+@app.command()
+@friendly
+def sweep(
+    store: Annotated[Path, opt("store", "Store written by `genealign ingest`.", D)],
+    output_dir: Annotated[Path, opt("output_dir", "Folder for sweep.csv, report.md, sweep.png (and models/).", O)],
+    genes: Annotated[Optional[str], opt("genes", "Comma-separated genes, e.g. APOE,BDNF (default: every gene).", D)] = None,
+    genes_file: Annotated[Optional[Path], opt("genes_file", "File with one gene per line (alternative to --genes).", D)] = None,
+    config: Annotated[Optional[Path], opt("config", "Settings file (e.g. `genealign tune`'s best_config.json), between the preset and the flags.", M)] = None,
+    preset: Annotated[Optional[str], opt("preset", "Single-mode settings to start from: cpu-small (default), gpu or seed.", M)] = None,
+    projection_dim: Annotated[Optional[int], opt("projection_dim", "Width of the shared embedding space. " + _PRESET_HELP, M)] = None,
+    neuro_hidden_dim: Annotated[Optional[int], opt("neuro_hidden_dim", "Optional hidden layer of the neuro encoder.", M)] = None,
+    dropout: Annotated[Optional[float], opt("dropout", "Dropout of the hidden layer. " + _PRESET_HELP, M)] = None,
+    loss: Annotated[Optional[str], opt("loss", "clip (symmetric InfoNCE) or siglip (sigmoid).", M)] = None,
+    neuro_pca_dim: Annotated[Optional[int], opt("neuro_pca_dim", "Latent PCA-whitening width (0 = off). " + _PRESET_HELP, M)] = None,
+    gene_pca_dim: Annotated[Optional[int], opt("gene_pca_dim", "Per-gene PCA-whitening width (0 = off). " + _PRESET_HELP, M)] = None,
+    batch_size: Annotated[Optional[int], opt("batch_size", "Subjects per batch. " + _PRESET_HELP, T)] = None,
+    num_epochs: Annotated[Optional[int], opt("num_epochs", "Epochs. " + _PRESET_HELP, T)] = None,
+    learning_rate: Annotated[Optional[float], opt("learning_rate", "Peak learning rate (AdamW). " + _PRESET_HELP, T)] = None,
+    weight_decay: Annotated[Optional[float], opt("weight_decay", "AdamW weight decay on matrices. " + _PRESET_HELP, T)] = None,
+    warmup_fraction: Annotated[Optional[float], opt("warmup_fraction", "Fraction of steps of linear LR warmup.", T)] = None,
+    patience: Annotated[Optional[int], opt("patience", "Stop a gene after N epochs without val gain (0 = off). " + _PRESET_HELP, T)] = None,
+    seed: Annotated[Optional[int], opt("seed", "Seed of init and batches (a gene's model = train's with this seed).", T)] = None,
+    device: Annotated[Optional[str], opt("device", "auto, cpu, cuda or cuda:N.", T)] = None,
+    pool_size: Annotated[int, opt("pool_size", "Test pool of top-1 and MRR (the whole split if smaller).", "Scoring")] = 1000,
+    draws: Annotated[int, opt("draws", "Random pools drawn when the test split is larger than the pool.", "Scoring")] = 30,
+    bootstrap: Annotated[int, opt("bootstrap", "Bootstrap resamples of the 95% interval (whole-split pool).", "Scoring")] = 1000,
+    permutations: Annotated[int, opt("permutations", "Pairing permutations of each gene's p-value.", "Scoring")] = 10_000,
+    fdr: Annotated[float, opt("fdr", "Benjamini-Hochberg q level a gene is called at.", "Scoring")] = 0.05,
+    save_models: Annotated[bool, switch("save_models", "Also write models/GENE/best_model.pt for every gene.", O)] = False,
+    overwrite: Annotated[bool, switch("overwrite", "Replace an earlier sweep in --output-dir (its files only).", O)] = False,
+) -> None:
+    """One single-gene model per gene, trained together in one pass; genes ranked on the test split with FDR."""
+    given = {k: v for k, v in locals().items() if v is not None}
+    from alignment.sweep import sweep as run_sweep, sweep_request
+
+    result = run_sweep(sweep_request(given), progress=lambda m: console.print(m, style="dim", markup=False, highlight=False))
+    first = result.rows[0]
+    table = Table(title=f"Genes ranked by test MRR (pool {result.pool_size:,}, N = {result.n_test:,})", header_style="bold",
+                  caption=f"chance: MRR {first['chance_mrr']:.4f}, top-1 {first['chance_top1']:.4f}; q: BH over {len(result.rows)} genes")
+    for column in ("rank", "gene", "MRR [95% CI]", "top-1 n→g", "top-1 g→n", "q"):
+        table.add_column(column, justify="left" if column == "gene" else "right", no_wrap=True)
+    for r in result.rows[:15]:
+        table.add_row(str(r["rank"]), r["gene"], f"{r['mrr']:.3f} [{r['mrr_ci_low']:.3f},{r['mrr_ci_high']:.3f}]",
+                      f"{r['top1_neuro_to_gene']:.3f}", f"{r['top1_gene_to_neuro']:.3f}", f"{r['q_value']:.2g}")
+    console.print(table)
+    if result.precision:
+        console.print("Against the truth's causal genes: " + ", ".join(f"top {k} precision {p:.2f}" for k, p in result.precision.items()))
+    console.print(f"{result.n_significant} gene(s) at q <= {fdr:g}. {result.csv}; report {result.report} ({result.seconds:.0f}s).",
+                  markup=False, highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------- tune
+@app.command()
+@friendly
+def tune(
+    store: Annotated[Path, opt("store", "Store written by `genealign ingest`.", D)],
+    output_dir: Annotated[Path, opt("output_dir", "Folder for study.db, trials/ and best_config.json (rerun to continue).", O)],
+    mode: Annotated[str, opt("mode", "single or sequence.", D)] = "sequence",
+    single_gene_name: Annotated[Optional[str], opt("single_gene_name", "Gene for --mode single.", D)] = None,
+    trials: Annotated[int, opt("trials", "Finished trials the study should hold.", T)] = 20,
+    preset: Annotated[str, opt("preset", "Recipe the search starts from.", T)] = "cpu-small",
+    num_epochs: Annotated[Optional[int], opt("num_epochs", "Epochs per trial. Default: the preset's.", T)] = None,
+    seed: Annotated[int, opt("seed", "Seed of the TPE sampler.", T)] = 0,
+    device: Annotated[str, opt("device", "auto, cpu, cuda or cuda:N.", T)] = "auto",
+) -> None:
+    """Choose hyperparameters on the val split (Optuna TPE); writes best_config.json for train --config."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from alignment.tune import TuneConfig, tune as run_tune
+
+    with Progress(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[best]}"),
+                  TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("", total=trials, best="")
+        best = [float("-inf")]
+
+        def on_trial(row: dict) -> None:
+            best[0] = max(best[0], row["value"] if row["value"] is not None else best[0])
+            bar.update(task, completed=row["finished"], best=f"best val top-1 {best[0]:.3f}")
+
+        result = run_tune(TuneConfig(store=str(store), output_dir=str(output_dir), mode=mode, single_gene_name=single_gene_name,
+                                     trials=trials, preset=preset, num_epochs=num_epochs, seed=seed, device=device), on_trial)
+    table = Table(title="Trials (val top-1, mean of both directions)", header_style="bold")
+    for name, justify in (("#", "right"), ("state", "left"), ("val top-1", "right"), ("settings", "left")):
+        table.add_column(name, justify=justify, overflow="fold")
+    for row in result.trials:
+        value = "—" if row["value"] is None else f"{row['value']:.3f}"
+        settings = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["params"].items())
+        table.add_row(str(row["number"]), row["state"], value, settings)
+    console.print(table)
+    console.print(f"Best: trial {result.best_trial}, val top-1 {result.best_value:.3f}. Train with it: genealign train "
+                  f"--store {store} --config {result.best_config} --output-dir DIR", markup=False, highlight=False)
 
 
 def main(argv: list[str] | None = None) -> None:

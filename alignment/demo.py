@@ -15,12 +15,17 @@ from typing import Callable
 
 from alignment.evaluate import EvalConfig, evaluate
 from alignment.model import ModelConfig
+from alignment.settings import fit_batch, preset_values
 from alignment.train import TrainConfig, train
 from pipeline.atomic import atomic_write_json, atomic_write_text
+from pipeline import open_store
+from pipeline.errors import GenealignError
 from pipeline.ingest import IngestConfig, ingest
 from pipeline.synth import SynthConfig, load_truth, strongest_gene, synthesize
 
 DONE = ".done.json"
+MARKER = ".genealign-demo.json"
+DEMO_PRESET = "cpu-small"
 
 
 @dataclass
@@ -36,28 +41,23 @@ class DemoConfig:
     null: bool = False
     # Test split >= 1,000 subjects so "top-1 out of 1,000" is measured on held-out subjects.
     split_fractions: tuple = (0.7, 0.1, 0.2)
-    # CPU-sized presets. Strong regularisation (small PCA front-ends, dropout, weight decay, early
-    # stopping on val retrieval) because with ~5,500 train subjects the models otherwise memorise.
-    single_model: ModelConfig = field(
-        default_factory=lambda: ModelConfig(mode="single", projection_dim=32, neuro_pca_dim=32, gene_pca_dim=16, dropout=0.2)
-    )
-    sequence_model: ModelConfig = field(
-        default_factory=lambda: ModelConfig(
-            mode="sequence", projection_dim=32, transformer_hidden_dim=32, transformer_num_layers=1,
-            transformer_num_heads=4, transformer_pooling="mean", neuro_pca_dim=32, gene_pca_dim=24,
-            gene_projection="per_gene", dropout=0.2,
-        )
-    )
-    single_train: dict = field(default_factory=lambda: dict(batch_size=256, num_epochs=20, learning_rate=3e-3, weight_decay=0.3, patience=6))
-    # Group lasso on the per-gene input projections: on this cohort 0.3 took the held-out top-1 (pool
-    # 1,000, mean of both directions) from 0.049 to 0.063 (on val: 0.1 no change; 1.0 removed every gene).
-    sequence_train: dict = field(default_factory=lambda: dict(batch_size=256, num_epochs=20, learning_rate=3e-3, weight_decay=0.3, patience=6, gene_group_lasso=0.3))
+    # The cpu-small preset (alignment.settings), the one `genealign train` picks on a CPU.
+    single_model: ModelConfig = field(default_factory=lambda: _preset("single")[0])
+    sequence_model: ModelConfig = field(default_factory=lambda: _preset("sequence")[0])
+    single_train: dict = field(default_factory=lambda: _preset("single")[1])
+    sequence_train: dict = field(default_factory=lambda: _preset("sequence")[1])
     pool_sizes: tuple = ("300", "1000", "all")
     draws: int = 30
     bootstrap: int = 1000
     # 10,000 shuffles: p can reach 1e-4, so it stays below 0.01 after Holm over a table of 16 p-values.
     permutations: int = 10_000
     device: str = "auto"
+    overwrite: bool = False  # use an output_dir holding files the demo did not write
+
+
+def _preset(mode: str) -> tuple[ModelConfig, dict]:
+    model_values, train_values = preset_values(DEMO_PRESET, mode)
+    return ModelConfig(mode=mode, **model_values), train_values
 
 
 @dataclass
@@ -70,16 +70,35 @@ class DemoResult:
     n_test: int
 
 
+def _marker(path: Path) -> Path:
+    """A finished step's marker sits beside its folder, so the tool that owns the folder never meets it."""
+    return path.parent / f".{path.name}{DONE}"
+
+
 def _done(path: Path, settings: dict) -> bool:
-    marker = path / DONE
+    marker = _marker(path)
     return marker.exists() and json.loads(marker.read_text()) == json.loads(json.dumps(settings, default=str))
 
 
 def _mark(path: Path, settings: dict) -> None:
-    atomic_write_json(path / DONE, json.loads(json.dumps(settings, default=str)))
+    atomic_write_json(_marker(path), json.loads(json.dumps(settings, default=str)))
+
+
+def _claim(root: Path, overwrite: bool) -> None:
+    """The demo writes into an empty or missing folder, or one holding its own earlier output."""
+    if root.is_dir() and not (root / MARKER).exists():
+        foreign = sorted(p.name for p in root.iterdir())
+        if foreign and not overwrite:
+            raise GenealignError(
+                f"{root / foreign[0]} was not written by genealign demo; choose another --output-dir or pass --overwrite "
+                "(the demo then writes its own files beside it)."
+            )
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(root / MARKER, {"written_by": "genealign demo"})
 
 
 def run_demo(config: DemoConfig, log: Callable[[str], None] = print, progress=None) -> DemoResult:
+    _claim(Path(config.output_dir), config.overwrite)
     # The null cohort's runs and report live in their own folder so they never replace the real ones.
     out = Path(config.output_dir) / ("null" if config.null else "")
     cohort = out / "cohort"
@@ -121,7 +140,10 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print, progress=No
         else:
             log(f"[{3 + i}/5] training {label} -> {run_dir}")
             tcfg = TrainConfig(store=str(store), output_dir=str(run_dir), mode=mode, single_gene_name=single_gene,
-                               device=config.device, save_every=0, **train_kw)
+                               device=config.device, save_every=0, overwrite=True, **train_kw)
+            tcfg, notes = fit_batch(tcfg, len(open_store(store).indices("train")), explicit=False)
+            for note in notes:
+                log(f"      {note}")
             result = train(tcfg, replace(model_cfg, mode=mode), progress=progress)
             log(f"      best epoch {result.best_epoch}: val top-1 {result.best_val.get('val_top1_mean', float('nan')):.3f} "
                 f"(pool {result.best_val.get('val_pool_size')})")
@@ -134,7 +156,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print, progress=No
             evaluate(EvalConfig(checkpoint=run_dir / "best_model.pt", store=store, split="test",
                                 pool_sizes=tuple(config.pool_sizes), draws=config.draws, bootstrap=config.bootstrap,
                                 permutations=config.permutations, output_dir=eval_dir, seed=config.seed,
-                                device=config.device))
+                                device=config.device, overwrite=True))
             _mark(eval_dir, eval_settings)
         evaluations.append((label, eval_dir))
 

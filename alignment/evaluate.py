@@ -20,9 +20,9 @@ them meaning: pool size, direction, chance level, uncertainty and baselines.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import difflib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from alignment.embed import embed_model, resolve_device
 from alignment.baselines import BASELINES, LABELS, BaselineConfig, fit_baselines, read_batches
 from alignment.metrics import CI_LEVEL, chance_figures, method_metrics
 from alignment.model import MultiGeneAlignmentModel
@@ -61,8 +62,8 @@ STATISTICS = {
 class EvalConfig:
     """What to evaluate and how. Pool sizes: integers and/or 'all' (the whole split, always scored)."""
 
-    checkpoint: Path | str
-    store: Path | str
+    checkpoint: Path | str  # a checkpoint file, or a run folder (its best_model.pt)
+    store: Path | str | None = None  # default: the store the checkpoint was trained on
     split: str = "test"
     pool_sizes: tuple = ("300", "1000", "all")
     draws: int = 30
@@ -74,6 +75,7 @@ class EvalConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = 512
     oracle: bool = True
+    overwrite: bool = False  # replace an output_dir holding another checkpoint's evaluation
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
 
 
@@ -89,14 +91,6 @@ class EvalResult:
 
 
 # ------------------------------------------------------------------------------------ config checks
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise GenealignError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu.")
-    return torch.device(name)
-
-
 def _as_list(value) -> list[str]:
     if value is None:
         return []
@@ -195,6 +189,51 @@ def match_checkpoint(model_config, ckpt_config: dict, store: StoreView, path) ->
     return mode, names, [store.gene_names.index(g) for g in names], notes
 
 
+def checkpoint_file(path) -> Path:
+    """A checkpoint file, or the best_model.pt of a run folder."""
+    path = Path(path)
+    if path.is_dir():
+        best = path / "best_model.pt"
+        if not best.is_file():
+            raise GenealignError(f"--checkpoint {path} is a folder without best_model.pt; give a run folder of `genealign train` or a .pt file.")
+        return best
+    return path
+
+
+def store_of(config: EvalConfig, meta: dict) -> Path:
+    """--store, or the store the checkpoint records."""
+    if config.store is not None:
+        return Path(config.store)
+    recorded = meta["config"].get("store", {}).get("path") or meta["config"].get("train", {}).get("store")
+    if not recorded:
+        raise GenealignError(f"Checkpoint {config.checkpoint} does not record its store; pass --store S.zarr.")
+    if not Path(recorded).exists():
+        raise GenealignError(f"Checkpoint {config.checkpoint} was trained on {recorded}, which is not there any more; pass --store S.zarr.")
+    return Path(recorded)
+
+
+def claim_output_dir(out_dir: Path, checkpoint: Path, overwrite: bool) -> None:
+    """Refuse to write over files evaluate did not write, or over another checkpoint's evaluation."""
+    from alignment.report import PLOTS
+
+    ours = [out_dir / name for name in (METRICS_NAME, REPORT_NAME, *PLOTS.values()) if (out_dir / name).exists()]
+    if not ours:
+        return
+    metrics = out_dir / METRICS_NAME
+    try:
+        previous = json.loads(metrics.read_text()) if metrics.is_file() else {}
+    except ValueError:
+        previous = {}
+    if previous.get("schema") != SCHEMA:
+        raise GenealignError(f"{ours[0]} was not written by genealign evaluate; choose another --output-dir.")
+    same = Path(previous.get("checkpoint", "")).resolve() == checkpoint.resolve()
+    if not same and not overwrite:
+        raise GenealignError(
+            f"{out_dir} holds the evaluation of {previous.get('checkpoint')}; replace it with --overwrite or "
+            "choose another --output-dir."
+        )
+
+
 def _checkpoint_meta(path) -> dict:
     """The checkpoint's config/epoch/val metrics (weights are not needed: memory-mapped load)."""
     try:
@@ -205,22 +244,6 @@ def _checkpoint_meta(path) -> dict:
 
 
 # -------------------------------------------------------------------------------------- features
-def embed_model(model, store, rows, gene_indices, mode, device, batch_size) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised model features (n, P) float32 of `rows`, both sides, on `device`."""
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    )
-    neuro_parts, gene_parts = [], []
-    model.eval()
-    with torch.no_grad(), autocast:
-        for _, neuro, genes in read_batches(store, rows, batch_size, gene_indices):
-            neuro_t = torch.from_numpy(neuro).to(device)  # (b, V)
-            genes_t = torch.from_numpy(genes[:, 0] if mode == "single" else genes).to(device)  # (b, D) | (b, G, D)
-            neuro_parts.append(model.encode_neuro(neuro_t).float())
-            gene_parts.append(model.encode_gene(genes_t).float())
-    return torch.cat(neuro_parts), torch.cat(gene_parts)
-
-
 def embed_baselines(baselines, store, rows, gene_indices, batch_size) -> dict:
     """name -> (neuro features, gene features) (n, c) float32, unit norm, for each fitted baseline."""
     neuro_pc, gene_pc = [], []
@@ -247,7 +270,7 @@ def oracle_features(truth: dict, store, rows, gene_indices) -> tuple[np.ndarray,
 def method_features(config, store, model, mode, gene_indices, rows, device, notes) -> tuple[dict, dict]:
     """Features of every method on the split, name -> (neuro side, gene side) tensors on `device`
     (row i = subject i), and what to record about each method's fit. Appends to `notes`."""
-    features = {"model": embed_model(model.to(device), store, rows, gene_indices, mode, device, config.batch_size)}
+    features = {"model": embed_model(model.to(device), store, rows, gene_indices, device, config.batch_size)}
     fits = {}
     methods = [m.lower() for m in _as_list(config.baselines) if m.lower() != "none"]
     n_train = len(store.indices("train"))
@@ -284,32 +307,58 @@ def evaluate(config: EvalConfig, progress: Callable[[str], None] | None = None) 
 
     say = progress or (lambda message: None)
     started = time.perf_counter()
+    methods = _check(config)
     device = resolve_device(config.device)
-    store = open_store(config.store)
-    model = MultiGeneAlignmentModel.from_checkpoint(config.checkpoint, map_location="cpu")
-    meta = _checkpoint_meta(config.checkpoint)
-    mode, gene_names, gene_indices, notes = match_checkpoint(model.config, meta["config"], store, config.checkpoint)
+    checkpoint = checkpoint_file(config.checkpoint)
+    model = MultiGeneAlignmentModel.from_checkpoint(checkpoint, map_location="cpu")
+    meta = _checkpoint_meta(checkpoint)
+    store = open_store(store_of(config, meta))
+    mode, gene_names, gene_indices, notes = match_checkpoint(model.config, meta["config"], store, checkpoint)
     rows = store.indices(config.split)
     n = len(rows)
     if n < 2:
         raise GenealignError(f"The {config.split} split of {store.path} has {n} subjects; retrieval needs at least 2.")
     pool_sizes, pool_notes = resolve_pools(config.pool_sizes, n)
-    notes += pool_notes
-    methods = [m.lower() for m in _as_list(config.baselines) if m.lower() != "none"]
-    unknown = [m for m in methods if m not in BASELINES]
-    if unknown:
-        raise GenealignError(f"--baselines: unknown {', '.join(unknown)}; use any of {', '.join(BASELINES)} or none.")
-    if config.draws < 1 or config.bootstrap < 0 or config.permutations < 0:
-        raise GenealignError("--draws must be >= 1, --bootstrap and --permutations >= 0.")
-    notes += _split_notes(config.split, meta["config"], store)
-    out_dir = Path(config.output_dir) if config.output_dir else Path(config.checkpoint).parent / f"eval_{config.split}"
+    for note in pool_notes:
+        say(note)
+    notes += pool_notes + _split_notes(config.split, meta["config"], store)
+    out_dir = Path(config.output_dir) if config.output_dir else checkpoint.parent / f"eval_{config.split}"
+    claim_output_dir(out_dir, checkpoint, config.overwrite)
 
     say(f"Embedding {n:,} {config.split} subjects ({mode} mode, {len(gene_names)} gene(s)) on {device}"
         + (f"; fitting {', '.join(methods)} on the train split" if methods else ""))
     features, fits = method_features(config, store, model, mode, gene_indices, rows, device, notes)
+    figures, plot_data = _score(config, features, fits, mode, gene_names, n, pool_sizes, say)
+    metrics = _document(config, checkpoint, meta, store, mode, gene_names, str(device), n, pool_sizes, figures, notes)
+    say(f"Writing {out_dir}/report.md, plots and metrics.json")
+    report_path, plot_paths = write_report(metrics, plot_data, out_dir)
+    metrics["files"] = {"report": str(report_path), "plots": {k: str(v) for k, v in plot_paths.items()}}
+    metrics["seconds"] = round(time.perf_counter() - started, 2)
+    metrics = _jsonable(metrics)
+    metrics_path = atomic_write_json(out_dir / METRICS_NAME, metrics)
+    return EvalResult(
+        output_dir=out_dir, metrics=metrics, metrics_path=metrics_path, report_path=report_path,
+        plot_paths=plot_paths, headline=headline_rows(metrics), seconds=metrics["seconds"],
+    )
+
+
+def _check(config: EvalConfig) -> list[str]:
+    """Counts and names checked before anything is read; returns the baselines asked for."""
+    methods = [m.lower() for m in _as_list(config.baselines) if m.lower() != "none"]
+    unknown = [m for m in methods if m not in BASELINES]
+    if unknown:
+        raise GenealignError(f"--baselines: unknown {', '.join(unknown)}; use any of {', '.join(BASELINES)} or none.")
+    if config.draws < 1 or config.bootstrap < 0 or config.permutations < 0 or config.batch_size < 1:
+        raise GenealignError("--draws and --batch-size must be >= 1, --bootstrap and --permutations >= 0.")
+    return methods
+
+
+def _score(config, features, fits, mode, gene_names, n, pool_sizes, say) -> tuple[dict, dict]:
+    """Every method's figures (and plot data) on the same pools, resamples and permutations."""
     figures, plot_data = {}, {}
+    pools = f"pools of {', '.join(f'{p:,}' for p in pool_sizes)} x {config.draws} draws" if pool_sizes else "no smaller pools"
     for name, (neuro_f, gene_f) in features.items():
-        say(f"Scoring {name}: whole split, {len(pool_sizes)} pool size(s) x {config.draws} draws, "
+        say(f"Scoring {name}: whole split ({n:,}), {pools}, "
             f"{config.bootstrap:,} bootstrap resamples, {config.permutations:,} permutations")
         figures[name], plot_data[name] = method_metrics(
             neuro_f, gene_f, pool_sizes=pool_sizes, draws=config.draws, bootstrap=config.bootstrap,
@@ -317,11 +366,15 @@ def evaluate(config: EvalConfig, progress: Callable[[str], None] | None = None) 
         )
         figures[name].update(label=_label(name, mode, gene_names), score=_score_kind(name), fit=fits.get(name))
     figures["chance"] = {**chance_figures(n, pool_sizes), "label": "chance", "score": None, "fit": None}
+    return figures, plot_data
 
-    metrics = {
+
+def _document(config, checkpoint, meta, store, mode, gene_names, device, n, pool_sizes, figures, notes) -> dict:
+    """What metrics.json holds (before the file list and timing are added)."""
+    return {
         "schema": SCHEMA,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "checkpoint": str(config.checkpoint),
+        "checkpoint": str(checkpoint),
         "checkpoint_epoch": meta["epoch"],
         "checkpoint_val_metrics": meta["val_metrics"],
         "store": str(store.path),
@@ -329,7 +382,7 @@ def evaluate(config: EvalConfig, progress: Callable[[str], None] | None = None) 
         "n_subjects": n,
         "mode": mode,
         "gene_names": list(gene_names),
-        "device": str(device),
+        "device": device,
         "pool_sizes": [*pool_sizes, n],
         "pool_keys": [*(str(s) for s in pool_sizes), "all"],
         "headline_pool": "1000" if 1000 in pool_sizes else "all",
@@ -347,16 +400,6 @@ def evaluate(config: EvalConfig, progress: Callable[[str], None] | None = None) 
         "methods": figures,
         "notes": notes,
     }
-    say(f"Writing {out_dir}/report.md, plots and metrics.json")
-    report_path, plot_paths = write_report(metrics, plot_data, out_dir)
-    metrics["files"] = {"report": str(report_path), "plots": {k: str(v) for k, v in plot_paths.items()}}
-    metrics["seconds"] = round(time.perf_counter() - started, 2)
-    metrics = _jsonable(metrics)
-    metrics_path = atomic_write_json(out_dir / METRICS_NAME, metrics)
-    return EvalResult(
-        output_dir=out_dir, metrics=metrics, metrics_path=metrics_path, report_path=report_path,
-        plot_paths=plot_paths, headline=headline_rows(metrics), seconds=metrics["seconds"],
-    )
 
 
 def _label(name: str, mode: str, gene_names) -> str:

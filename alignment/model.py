@@ -777,3 +777,28 @@ def _validate(cfg: ModelConfig) -> None:
             f"latent_shape {cfg.latent_shape} has {math.prod(cfg.latent_shape)} values, not "
             f"neuro_input_dim={cfg.neuro_input_dim}."
         )
+
+
+def fit_dims(cfg: ModelConfig, *, neuro_input_dim: int, gene_input_dim: int, num_genes: int, n_train: int,
+             explicit: frozenset = frozenset()) -> ModelConfig:
+    """`cfg` with the data's input shapes and PCA widths the data can support.
+
+    A width that came from a default or preset (not in `explicit`) is capped at the input width and
+    at n_train - 1 (a PCA needs more rows than components); an explicit one that does not fit is a
+    GenealignError naming the flag and the limit."""
+    cfg = replace(cfg, neuro_input_dim=int(neuro_input_dim), gene_input_dim=int(gene_input_dim), num_genes=int(num_genes))
+    limits = {
+        "neuro_pca_dim": (neuro_input_dim, f"the brain latent has {neuro_input_dim} values"),
+        "gene_pca_dim": (gene_input_dim, f"the gene embeddings are {gene_input_dim} wide"),
+    }
+    for name, (width, why) in limits.items():
+        value = getattr(cfg, name)
+        rows_cap = max(n_train - 1, 0)
+        cap = min(width, rows_cap)
+        if value <= cap:
+            continue
+        if name in explicit:
+            reason = why if value > width else f"the train split has {n_train} subjects (a PCA needs more rows than components)"
+            raise GenealignError(f"--{name} {value} does not fit the data: {reason}; use at most {cap}, or 0 for z-scoring only.")
+        cfg = replace(cfg, **{name: cap})
+    return cfg

@@ -34,15 +34,9 @@ number of rows (the loader's drop_last shards guarantee it).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+from alignment.embed import autocast as _autocast
 
 
 def _rng_state(device: torch.device) -> tuple:

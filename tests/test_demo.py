@@ -43,3 +43,16 @@ def test_demo_end_to_end_and_reuse(tmp_path):
     run_demo(tiny_demo(tmp_path), log=again.append)
     assert sum("reusing" in m or "reused" in m for m in again) >= 3
     assert not any(m.strip().startswith("training") or "evaluating" in m for m in again)
+
+
+def test_demo_refuses_a_folder_it_did_not_write(tmp_path):
+    import pytest
+
+    from pipeline.errors import GenealignError
+
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "thesis.tex").write_text("mine")
+    with pytest.raises(GenealignError, match="thesis.tex was not written by genealign demo"):
+        run_demo(tiny_demo(tmp_path), log=lambda message: None)
+    assert (tmp_path / "demo" / "thesis.tex").read_text() == "mine"
+    assert not (tmp_path / "demo" / "cohort").exists()

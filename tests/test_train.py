@@ -16,29 +16,14 @@ import torch
 
 from alignment.model import ModelConfig, MultiGeneAlignmentModel
 from alignment.train import TrainConfig, lr_at, train
-from pipeline import GenealignError, write_store
+from pipeline import GenealignError
 
-GENES = [f"G{i}" for i in range(6)]
-
-
-def make_store(path: Path, n: int = 240, signal: float = 3.0, seed: int = 0) -> Path:
-    """A tiny cohort: a 4-dim factor per subject is written (low-rank, as in real embeddings) into genes
-    G0 and G1, and drives the latent linearly; the other genes and the rest of the latent are noise."""
-    rng = np.random.default_rng(seed)
-    factor = rng.normal(size=(n, 4))  # (N, 4)
-    genes = rng.normal(size=(n, len(GENES), 8))  # (N, G, D)
-    for g in (0, 1):
-        genes[:, g] += 2.0 * factor @ rng.normal(size=(4, 8))
-    neuro = signal * factor @ rng.normal(size=(4, 24)) + rng.normal(size=(n, 24))  # (N, V)
-    iids = [str(1_000_000 + i) for i in range(n)]
-    write_store(path, iids, neuro.reshape(n, 2, 3, 4).astype(np.float32), genes.astype(np.float32), GENES,
-                split_fractions=(0.6, 0.2, 0.2), chunk_rows=32)
-    return path
+GENES = [f"G{i}" for i in range(6)]  # the signal store's genes (conftest)
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    return make_store(tmp_path_factory.mktemp("cohort") / "s.zarr")
+def store(signal_store) -> Path:
+    return signal_store
 
 
 def tiny_model(mode: str = "sequence", **kw) -> ModelConfig:
@@ -229,3 +214,56 @@ def test_gene_group_lasso_needs_per_gene_projections(store, tmp_path, mode, proj
     with pytest.raises(GenealignError, match="per-gene input projections"):
         train(tiny_train(store, tmp_path / "x", mode=mode, gene_group_lasso=0.3, **kw),
               tiny_model(mode, gene_projection=projection))
+
+
+def test_counts_are_checked_up_front(store, tmp_path):
+    for kw, needle in ((dict(num_epochs=0), "--num_epochs must be >= 1"), (dict(batch_size=1), "--batch_size must be >= 2"),
+                       (dict(log="wandb"), "--log 'wandb'")):
+        with pytest.raises(GenealignError, match=needle):
+            train(tiny_train(store, tmp_path / "x", **kw), tiny_model())
+    assert not (tmp_path / "x").exists()
+
+
+def test_another_run_in_output_dir_is_refused_and_overwrite_replaces_only_train_files(store, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "NOTES.txt").write_text("mine")
+    train(tiny_train(store, out, num_epochs=1), tiny_model())
+    assert (out / "NOTES.txt").read_text() == "mine"  # a foreign file beside a run is left alone
+    with pytest.raises(GenealignError, match="holds another run.*--resume.*--overwrite"):
+        train(tiny_train(store, out, num_epochs=1, mode="single", single_gene_name="G0"), tiny_model("single"))
+    (out / "eval_test").mkdir()
+    (out / "eval_test" / "metrics.json").write_text("{}")
+    with pytest.raises(GenealignError, match="eval_test"):
+        train(tiny_train(store, out, num_epochs=1, overwrite=True), tiny_model())
+    (out / "eval_test" / "metrics.json").unlink()
+    (out / "eval_test").rmdir()
+    train(tiny_train(store, out, num_epochs=1, save_every=0, overwrite=True, mode="single", single_gene_name="G0"),
+          tiny_model("single"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["mode"] == "single" and not (out / "checkpoint_epoch_1.pt").exists()
+    assert (out / "NOTES.txt").read_text() == "mine"
+
+
+def test_lr_restart_ramps_continuously_to_the_new_cosine():
+    old = dict(base_lr=1e-3, warmup_steps=2, total_steps=30, min_lr=1e-7)
+    lr0 = lr_at(30, **old)  # the finished run sits at min_lr
+    new = dict(old, total_steps=50, restart=(30, lr0, 10))
+    assert lr_at(30, **new) == pytest.approx(lr0)
+    ramp = [lr_at(s, **new) for s in range(30, 41)]
+    assert all(b > a for a, b in zip(ramp, ramp[1:]))
+    assert max(b - a for a, b in zip(ramp, ramp[1:])) < 0.2 * lr_at(40, **old | {"total_steps": 50})
+    assert lr_at(45, **new) == pytest.approx(lr_at(45, **old | {"total_steps": 50}))
+
+
+def test_tensorboard_log_has_the_metrics_jsonl_figures(store, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    train(tiny_train(store, out, num_epochs=2, log="tensorboard"), tiny_model())
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [e.value for e in events.Scalars("val_top1_mean")]
+    assert logged == pytest.approx([r["val_top1_mean"] for r in history])
+    assert set(events.Tags()["scalars"]) >= {"train_loss", "val_loss", "lr", "temperature"}
