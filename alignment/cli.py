@@ -152,21 +152,29 @@ def synth(
     latent_shape: Annotated[str, opt("latent_shape", "Shape of each brain latent.")] = "3,15,18,15",
     seed: Annotated[int, opt("seed", "Random seed (same seed, same files).")] = 0,
     signal: Annotated[float, opt("signal", "Strength of the gene->brain effect (1.0 = calibrated default).")] = 1.0,
-    null: Annotated[bool, opt("null", "No gene->brain signal at all (for leakage checks).")] = False,
+    null: Annotated[bool, flag("null", "No gene->brain signal at all (for leakage checks).")] = False,
+    confounds: Annotated[bool, flag("confounds", "Write covariates.csv; age, sex, site, head size and ancestry PCs drive the data.")] = False,
+    families: Annotated[float, opt("families", "Fraction of subjects in sibling pairs/trios; writes kinship.dat.")] = 0.0,
+    overwrite: Annotated[bool, switch("overwrite", "Replace synth's own earlier cohort made with other settings (never other files).")] = False,
 ) -> None:
-    """Generate a realistic cohort in the seed's exact file formats, with known ground truth."""
+    """Generate a realistic cohort in the seed's exact file formats, with known ground truth.
+    OUT_DIR must be empty, missing, or hold synth's own earlier output."""
     from pipeline.synth import SynthConfig, synthesize
 
     result = synthesize(
         SynthConfig(
             out_dir=out_dir, subjects=subjects, genes=genes, embedding_dim=embedding_dim,
-            latent_shape=_shape(latent_shape), seed=seed, signal=signal, null=null,
-        )
+            latent_shape=_shape(latent_shape), seed=seed, signal=signal, null=null, confounds=confounds,
+            families=families,
+        ),
+        overwrite=overwrite,
     )
     console.print(
         f"Wrote {result.n_subjects:,} subjects x {result.n_genes} genes in {result.seconds:.1f}s:\n"
         f"  gene embeddings  {result.gene_embedding_dir}\n  brain latents    {result.brain_latent_dir}\n"
         f"  ground truth     {result.truth_path}"
+        + "".join(f"\n  {label:<16} {result.out_dir / name}" for label, name, on in (
+            ("covariates", "covariates.csv", confounds), ("kinship", "kinship.dat", families > 0)) if on)
     )
 
 
@@ -183,12 +191,8 @@ def ingest(
     genes: Annotated[Optional[str], opt("genes", "Comma-separated subset of genes, e.g. APOE,BDNF (default: all).")] = None,
     genes_file: Annotated[Optional[Path], opt("genes_file", "File with one gene per line (alternative to --genes).")] = None,
     split_fractions: Annotated[str, opt("split_fractions", "train,val,test fractions; assignment is a hash of the IID.")] = "0.8,0.1,0.1",
-    workers: Annotated[int, opt("workers", "Processes parsing CSVs and writing the store in parallel; 1 = this process, on two threads.")] = 2,
+    workers: Annotated[int, opt("workers", "Processes parsing the gene CSVs in parallel; 1 = this process, on two threads.")] = 2,
     overwrite: Annotated[bool, opt("overwrite", "Rebuild the store even if it is up to date.")] = False,
-    direct_io: Annotated[bool, typer.Option(
-        "--direct-io/--no-direct-io", "--direct_io/--no_direct_io",
-        help="Write the store and its scratch past the page cache (O_DIRECT) where the filesystem allows: "
-             "pays where new memory is slow to come by (some VMs) or the page cache is someone else's.")] = False,
 ) -> None:
     """Ingest the gene CSVs and the npz latents into one subject-aligned Zarr store."""
     from pipeline.ingest import IngestConfig, ingest as run_ingest, parse_gene_list
@@ -198,18 +202,20 @@ def ingest(
             gene_embedding_dir=gene_embedding_dir, brain_latent_dir=brain_latent_dir, store=store,
             iid_column=iid_column, latent_key=latent_key, dtype=dtype,
             genes=parse_gene_list(genes, genes_file), workers=workers, overwrite=overwrite,
-            split_fractions=_fractions(split_fractions), direct_io=direct_io,
+            split_fractions=_fractions(split_fractions),
         )
     )
     _print_ingest(result)
 
 
-def _print_ingest(result) -> None:
+def _print_ingest(result, rebuild_hint: bool = True) -> None:
+    """The ingest's counts; `rebuild_hint`: mention --overwrite (only `ingest` has it)."""
     if result.reused:
-        console.print(f"[green]Store {result.store} is up to date[/green] (inputs unchanged); use --overwrite to rebuild.")
+        console.print(f"[green]Store {result.store} is up to date[/green] (inputs unchanged)"
+                      + ("; use --overwrite to rebuild." if rebuild_hint else "."))
     table = Table(title="Ingest", show_header=True, header_style="bold")
-    table.add_column("what")
-    table.add_column("subjects", justify="right")
+    table.add_column("what", overflow="fold")
+    table.add_column("subjects", justify="right", no_wrap=True)
     for key, value in result.found.items():
         table.add_row(f"found: {key}", f"{value:,}")
     table.add_row("[bold]kept (paired)[/bold]", f"[bold]{result.n_kept:,}[/bold]")
@@ -217,17 +223,30 @@ def _print_ingest(result) -> None:
         table.add_row(f"dropped: {reason}", f"{count:,}")
     console.print(table)
     console.print(
-        f"Store {result.store}: {result.n_kept:,} subjects x {result.n_genes} genes, latent "
+        f"Store {result.store}: {result.n_kept:,} subjects x {result.n_genes:,} genes, latent "
         f"{tuple(result.latent_shape)}; dropped subjects and reasons in {result.store}/ingest_report.json "
-        f"({result.seconds:.1f}s)."
+        f"({result.seconds:.1f}s).", markup=False, highlight=False
     )
+
+
+def _shown(value) -> str:
+    """A summary value for 80 columns: counts with thousands separators, a dict one item a line."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, dict):
+        return "\n".join(f"{k}: {_shown(v)}" for k, v in value.items()) or "none"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_shown(v) for v in value)
+    return str(value)
 
 
 @app.command()
 @friendly
 def info(
     store: Annotated[Path, opt("store", "Store written by `genealign ingest`.")],
-    list_genes: Annotated[bool, opt("list_genes", "Print every gene name.")] = False,
+    list_genes: Annotated[bool, switch("list_genes", "Print every gene name.")] = False,
 ) -> None:
     """Summarise a store: subjects per split, genes, shapes, sources, what was dropped."""
     from pipeline import open_store
@@ -235,17 +254,14 @@ def info(
 
     view = open_store(store)
     summary = store_summary(view)
+    names = summary["gene_names"]
+    if not list_genes and len(names) > 8:
+        summary["gene_names"] = ", ".join(names[:8]) + f", ... ({len(names):,} in all; --list-genes)"
     table = Table(title=f"Store {view.path}", show_header=False)
-    table.add_column("key", style="bold")
-    table.add_column("value")
+    table.add_column("key", style="bold", no_wrap=True)
+    table.add_column("value", overflow="fold")
     for key, value in summary.items():
-        if key == "gene_names" and not list_genes:
-            value = ", ".join(list(value)[:8]) + (f", ... ({len(value)} in all; --list_genes)" if len(value) > 8 else "")
-        elif isinstance(value, dict):
-            value = ", ".join(f"{k}: {v}" for k, v in value.items())
-        elif isinstance(value, (list, tuple)):
-            value = ", ".join(str(v) for v in value)
-        table.add_row(str(key), str(value))
+        table.add_row(key.replace("_", " "), _shown(value))
     console.print(table)
 
 
@@ -391,7 +407,8 @@ def _store_for_training(store, gene_embedding_dir, brain_latent_dir, iid_column,
     if _is_main_process():
         _print_ingest(
             run_ingest(IngestConfig(gene_embedding_dir=gene_embedding_dir, brain_latent_dir=brain_latent_dir,
-                                    store=path, iid_column=iid_column, workers=2))
+                                    store=path, iid_column=iid_column, workers=2)),
+            rebuild_hint=False,
         )
     return path
 
@@ -434,7 +451,7 @@ def evaluate(
     draws: Annotated[int, opt("draws", "Random pools drawn per pool size.", "Retrieval")] = 30,
     bootstrap: Annotated[int, opt("bootstrap", "Bootstrap resamples for the 95% intervals.", "Retrieval")] = 1000,
     permutations: Annotated[int, opt("permutations", "Pairing permutations for the p-value.", "Retrieval")] = 1000,
-    baselines: Annotated[str, opt("baselines", "Comma-separated baselines fitted on train, or none.", "Retrieval")] = "cca,pls",
+    baselines: Annotated[str, opt("baselines", "Baselines fitted on train: all, none, or some of cca, pls, rrr, rrr_screened, rcca, rcca_screened.", "Retrieval")] = "all",
     oracle: Annotated[bool, flag("oracle", "Add the generator's oracle (stores made by `genealign synth`).", "Retrieval")] = True,
     seed: Annotated[int, opt("seed", "Seed of pools, bootstrap and permutations.", "Retrieval")] = 0,
     device: Annotated[str, opt("device", "auto, cpu, cuda or cuda:N.", "Retrieval")] = "auto",
@@ -445,7 +462,9 @@ def evaluate(
     """Evaluate a checkpoint on a held-out split: retrieval both ways with pools, CIs, p-values, baselines."""
     from alignment.evaluate import EvalConfig, evaluate as run_evaluate
 
-    chosen = tuple(b.strip() for b in baselines.split(",") if b.strip() and b.strip() != "none")
+    from alignment.baselines import BASELINES
+
+    chosen = BASELINES if baselines.strip() == "all" else tuple(b.strip() for b in baselines.split(",") if b.strip() and b.strip() != "none")
     result = run_evaluate(
         EvalConfig(checkpoint=checkpoint, store=store, split=split,
                    pool_sizes=tuple(p.strip() for p in pool_sizes.split(",") if p.strip()), draws=draws,
@@ -456,6 +475,10 @@ def evaluate(
     rows = result.headline
     pool = rows[0]["pool_size"] if rows else 0
     _print_rows(rows, pool, result.metrics["n_subjects"], f"{split} split: top-1 retrieval, chance = 1/pool")
+    from alignment.report import versus_strongest
+
+    if versus_strongest(result.metrics):
+        console.print(versus_strongest(result.metrics), markup=False, highlight=False)
     console.print(f"Report {result.report_path} ({result.seconds:.0f}s).", markup=False, highlight=False)
 
 
@@ -480,6 +503,8 @@ def demo(
         bar.close()
     _print_rows(result.rows, result.pool_size, result.n_test,
                 f"Held-out test split (N = {result.n_test:,}): top-1, chance = 1/pool")
+    for line in result.versus:
+        console.print(line, markup=False, highlight=False)
     console.print(f"Report: {result.report}", markup=False, highlight=False)
 
 
@@ -508,9 +533,8 @@ def sweep(
     seed: Annotated[Optional[int], opt("seed", "Seed of init and batches (a gene's model = train's with this seed).", T)] = None,
     device: Annotated[Optional[str], opt("device", "auto, cpu, cuda or cuda:N.", T)] = None,
     pool_size: Annotated[int, opt("pool_size", "Test pool of top-1 and MRR (the whole split if smaller).", "Scoring")] = 1000,
-    draws: Annotated[int, opt("draws", "Random pools drawn when the test split is larger than the pool.", "Scoring")] = 30,
-    bootstrap: Annotated[int, opt("bootstrap", "Bootstrap resamples of the 95% interval (whole-split pool).", "Scoring")] = 1000,
-    permutations: Annotated[int, opt("permutations", "Pairing permutations of each gene's p-value.", "Scoring")] = 10_000,
+    bootstrap: Annotated[int, opt("bootstrap", "Bootstrap resamples of the test subjects for the 95% interval.", "Scoring")] = 1000,
+    permutations: Annotated[int, opt("permutations", "Most pairing permutations of each gene's p-value.", "Scoring")] = 10_000,
     fdr: Annotated[float, opt("fdr", "Benjamini-Hochberg q level a gene is called at.", "Scoring")] = 0.05,
     save_models: Annotated[bool, switch("save_models", "Also write models/GENE/best_model.pt for every gene.", O)] = False,
     overwrite: Annotated[bool, switch("overwrite", "Replace an earlier sweep in --output-dir (its files only).", O)] = False,
@@ -575,6 +599,69 @@ def tune(
     console.print(table)
     console.print(f"Best: trial {result.best_trial}, val top-1 {result.best_value:.3f}. Train with it: genealign train "
                   f"--store {store} --config {result.best_config} --output-dir DIR", markup=False, highlight=False)
+
+
+# -------------------------------------------------------------------------------------------- explain
+@app.command()
+@friendly
+def explain(
+    checkpoint: Annotated[Path, opt("checkpoint", "A sequence-mode run folder of `genealign train`, or its checkpoint.", D)],
+    store: Annotated[Optional[Path], opt("store", "Store to explain on. Default: the one the checkpoint was trained on.", D)] = None,
+    split: Annotated[str, opt("split", "train, val, test or all.", D)] = "test",
+    output_dir: Annotated[Optional[Path], opt("output_dir", "Folder for importance.csv, report.md and plots. Default: RUN/explain_SPLIT.", O)] = None,
+    repeats: Annotated[int, opt("repeats", "Shuffles of each gene.", "Importance")] = 5,
+    bootstrap: Annotated[int, opt("bootstrap", "Bootstrap resamples of the subjects (95% CI).", "Importance")] = 1000,
+    flips: Annotated[int, opt("flips", "Sign flips of the one-sided p-value.", "Importance")] = 10_000,
+    max_subjects: Annotated[int, opt("max_subjects", "Explain a fixed random subset of a larger split.", "Importance")] = 5000,
+    seed: Annotated[int, opt("seed", "Seed of shuffles, resamples and flips.", "Importance")] = 0,
+    device: Annotated[str, opt("device", "auto, cpu, cuda or cuda:N.", "Importance")] = "auto",
+    batch_size: Annotated[int, opt("batch_size", "Rows encoded per batch.", "Importance")] = 512,
+    overwrite: Annotated[bool, switch("overwrite", "Replace an earlier explain in --output-dir (its files only).", O)] = False,
+) -> None:
+    """Which genes a sequence model relies on: permutation importance with CIs and BH q, and its attention."""
+    from alignment.explain import ExplainConfig, explain as run_explain
+
+    result = run_explain(
+        ExplainConfig(checkpoint=checkpoint, store=store, split=split, output_dir=output_dir, repeats=repeats,
+                      bootstrap=bootstrap, flips=flips, max_subjects=max_subjects, seed=seed, device=device,
+                      batch_size=batch_size, overwrite=overwrite),
+        progress=lambda message: console.print(message, style="dim", markup=False, highlight=False),
+    )
+    table = Table(title=f"Genes ranked by importance ({split}, N = {result.n_subjects:,}, pool = N)", header_style="bold",
+                  caption=f"importance = drop in MRR (both directions) when the gene is shuffled; MRR "
+                          f"{result.mrr:.3f}, chance {result.chance_mrr:.4f}; q: BH over {len(result.rows)} genes")
+    for column in ("rank", "gene", "importance [95% CI]", "q"):
+        table.add_column(column, justify="left" if column == "gene" else "right", no_wrap=True)
+    for r in result.rows[:15]:
+        table.add_row(str(r["rank"]), r["gene"] + (" *" if r["planted"] else ""),
+                      f"{r['importance']:.4f} [{r['ci_low']:.4f},{r['ci_high']:.4f}]", f"{r['q_value']:.2g}")
+    console.print(table)
+    if result.precision:
+        console.print("* planted (truth). Precision against the planted genes: "
+                      + ", ".join(f"top {k} {p:.2f}" for k, p in result.precision.items()), markup=False, highlight=False)
+    console.print(f"{result.csv}; report {result.report} ({result.seconds:.0f}s).", markup=False, highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------- embed
+@app.command()
+@friendly
+def embed(
+    checkpoint: Annotated[Path, opt("checkpoint", "A run folder of `genealign train`, or a checkpoint file in it.", D)],
+    out: Annotated[Path, opt("out", "FILE.parquet or FILE.csv: one row per subject (IID, neuro_*, gene_*, split).", O)],
+    store: Annotated[Optional[Path], opt("store", "Store to embed. Default: the one the checkpoint was trained on.", D)] = None,
+    split: Annotated[str, opt("split", "all, train, val or test.", D)] = "all",
+    device: Annotated[str, opt("device", "auto, cpu, cuda or cuda:N.")] = "auto",
+    batch_size: Annotated[int, opt("batch_size", "Rows encoded per batch.")] = 1024,
+    overwrite: Annotated[bool, switch("overwrite", "Replace an existing --out file.", O)] = False,
+) -> None:
+    """Export every subject's learned features (both sides) as Parquet or CSV, e.g. for a GWAS."""
+    from alignment.export import EmbedConfig, export_embeddings
+
+    result = export_embeddings(EmbedConfig(checkpoint=checkpoint, out=out, store=store, split=split, device=device,
+                                           batch_size=batch_size, overwrite=overwrite))
+    counts = ", ".join(f"{k} {v:,}" for k, v in result.split_counts.items())
+    console.print(f"Wrote {result.n_subjects:,} subjects ({counts}) x {result.width} features per side "
+                  f"({result.mode} model) to {result.out} ({result.seconds:.1f}s).", markup=False, highlight=False)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -41,7 +41,6 @@ from pipeline.store import StoreView
 
 SCHEMA = "genealign-eval/1"
 METRICS_NAME = "metrics.json"
-REPORT_NAME = "report.md"
 ORACLE_BATCH_ROWS = 4096
 MIN_BASELINE_TRAIN = 20  # the oracle rebuilds the generator per call: few, large calls
 STATISTICS = {
@@ -69,7 +68,7 @@ class EvalConfig:
     draws: int = 30
     bootstrap: int = 1000
     permutations: int = 1000
-    baselines: tuple = ("cca", "pls")
+    baselines: tuple = BASELINES
     output_dir: Path | str | None = None  # default: <checkpoint folder>/eval_<split>
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -214,7 +213,7 @@ def store_of(config: EvalConfig, meta: dict) -> Path:
 
 def claim_output_dir(out_dir: Path, checkpoint: Path, overwrite: bool) -> None:
     """Refuse to write over files evaluate did not write, or over another checkpoint's evaluation."""
-    from alignment.report import PLOTS
+    from alignment.report import PLOTS, REPORT_NAME
 
     ours = [out_dir / name for name in (METRICS_NAME, REPORT_NAME, *PLOTS.values()) if (out_dir / name).exists()]
     if not ours:
@@ -256,7 +255,7 @@ def embed_baselines(baselines, store, rows, gene_indices, batch_size) -> dict:
 
 def oracle_features(truth: dict, store, rows, gene_indices) -> tuple[np.ndarray, np.ndarray]:
     """(neuro side, gene side) (n, k) float64 whose dot product is the oracle's score."""
-    from pipeline.synth import oracle_embeddings
+    from pipeline.oracle import oracle_embeddings
 
     names = [store.gene_names[i] for i in gene_indices]
     neuro_parts, gene_parts = [], []
@@ -284,14 +283,19 @@ def method_features(config, store, model, mode, gene_indices, rows, device, note
         for name, (neuro_f, gene_f) in embed_baselines(baselines, store, rows, gene_indices, config.batch_size).items():
             features[name] = (torch.from_numpy(neuro_f).to(device), torch.from_numpy(gene_f).to(device))
             fitted = baselines.methods[name]
-            fits[name] = {**baselines.describe(), "n_components": fitted.n_components,
-                          "train_canonical_correlations": fitted.train_correlations}
+            fits[name] = {**baselines.describe(), **fitted.describe(), "strongest_on_val": name == baselines.strongest()}
             notes += fitted.notes
+        notes += baselines.notes
     truth_path = store.cohort_truth_path()
     if config.oracle and truth_path is not None:
+        from pipeline.oracle import oracle_refusal
         from pipeline.synth import load_truth
 
-        neuro_o, gene_o = oracle_features(load_truth(truth_path), store, rows, gene_indices)
+        truth = load_truth(truth_path)
+        if oracle_refusal(truth):
+            notes.append(f"No oracle: {oracle_refusal(truth)}.")
+            return features, fits
+        neuro_o, gene_o = oracle_features(truth, store, rows, gene_indices)
         features["oracle"] = (torch.from_numpy(neuro_o).to(device), torch.from_numpy(gene_o).to(device))
         fits["oracle"] = {"truth": str(truth_path), "genes": [store.gene_names[i] for i in gene_indices]}
     elif config.oracle:
@@ -364,7 +368,7 @@ def _score(config, features, fits, mode, gene_names, n, pool_sizes, say) -> tupl
             neuro_f, gene_f, pool_sizes=pool_sizes, draws=config.draws, bootstrap=config.bootstrap,
             permutations=config.permutations, seed=config.seed,
         )
-        figures[name].update(label=_label(name, mode, gene_names), score=_score_kind(name), fit=fits.get(name))
+        figures[name].update(label=_label(name, mode, gene_names, fits.get(name)), score=_score_kind(name), fit=fits.get(name))
     figures["chance"] = {**chance_figures(n, pool_sizes), "label": "chance", "score": None, "fit": None}
     return figures, plot_data
 
@@ -396,14 +400,17 @@ def _document(config, checkpoint, meta, store, mode, gene_names, device, n, pool
             "gene_to_neuro": "query = a subject's gene features, gallery = the brain latents of every subject in the pool",
         },
         "statistics": STATISTICS,
+        "strongest_baseline": next((m for m, fit in ((m, f.get("fit") or {}) for m, f in figures.items())
+                                    if fit.get("strongest_on_val")), None),
         "methods_order": list(figures),
         "methods": figures,
         "notes": notes,
     }
 
 
-def _label(name: str, mode: str, gene_names) -> str:
-    genes = gene_names[0] if mode == "single" else f"{len(gene_names)} genes"
+def _label(name: str, mode: str, gene_names, fit: dict | None = None) -> str:
+    kept = (fit or {}).get("screened_genes")
+    genes = gene_names[0] if mode == "single" else f"{len(kept) if kept else len(gene_names)} genes"
     if name == "model":
         return f"model ({mode}, {genes})"
     if name == "oracle":

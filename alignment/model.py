@@ -1,7 +1,10 @@
 """The alignment model: a front-end fitted on the train split, two encoders, a learnable temperature.
 
-Owns `ModelConfig` (everything needed to rebuild the model from a checkpoint alone) and
-`MultiGeneAlignmentModel`, the seed's model with the seed's constructor and defaults:
+Owns `ModelConfig` (the one definition of the model's hyperparameters and their defaults, the seed's;
+everything needed to rebuild the model from a checkpoint alone) and `MultiGeneAlignmentModel`, the
+seed's model. It is built from a config, `MultiGeneAlignmentModel(cfg)`, or with the seed's keyword
+arguments, `MultiGeneAlignmentModel(neuro_input_dim=..., use_transformer=True, ...)`, which go
+through `ModelConfig.from_kwargs`:
 
     single mode     neuro (B, V)    -> front-end -> bias-free Linear (or Linear-LN-GELU-Dropout-Linear) -> L2
                     gene  (B, D)    -> front-end -> bias-free Linear -> L2
@@ -11,18 +14,19 @@ Owns `ModelConfig` (everything needed to rebuild the model from a checkpoint alo
 
 Front-end. With thousands of subjects and 12,150 + 111 x 256 input dimensions a linear encoder on raw
 inputs memorises the train split, so every input is first z-scored with train-split statistics and,
-optionally, PCA-whitened (`neuro_pca_dim`, per-gene `gene_pca_dim`): the encoders then see a few
-hundred well-conditioned dimensions. The statistics and projections are buffers (part of the
-state_dict) sized at construction, filled by `fit_frontend(neuro, genes)`. `encode_neuro` and
-`encode_gene` take rows exactly as the store holds them; normalisation happens inside, in float32
-even under autocast (whitening amplifies small-variance directions, so bf16 inputs would be noisy).
+optionally, PCA-whitened (`neuro_pca_dim`, per-gene `gene_pca_dim`; `pipeline.normalize` does the
+fitting): the encoders then see a few hundred well-conditioned dimensions. The statistics and
+projections are buffers (part of the state_dict) sized at construction, filled by
+`fit_frontend(neuro, genes)`. `encode_neuro` and `encode_gene` take rows exactly as the store holds
+them; normalisation happens inside, in float32 even under autocast (whitening amplifies
+small-variance directions, so bf16 inputs would be noisy).
 
 Checkpoints. `from_checkpoint(path)` rebuilds the model from ckpt["config"]["model"] and loads
 ckpt["model_state_dict"]. The seed's inference example (construct with the seed's arguments, then
-`load_state_dict`) also works on a checkpoint trained with PCA: loading a state_dict adopts its
-front-end (the PCA dims are read off the `neuro_pca` / `gene_pca` shapes and the encoders' input
-layers are resized before the tensors are copied), so the architecture arguments must match but the
-front-end arguments need not.
+`load_state_dict`) also works on a checkpoint trained with PCA or per-gene projections: a
+load_state_dict pre-hook rebuilds the encoders for the state_dict's front-end (PCA widths read off
+the `neuro_pca` / `gene_pca` shapes) before the tensors are copied, so the architecture arguments
+must match but the front-end arguments need not.
 
 Temperature. `logit_scale` is the log inverse temperature; the multiplier exp(logit_scale) is clamped
 at 100 inside `alignment.loss` (see there). With loss='siglip' a learnable `logit_bias` (init -10) is
@@ -53,16 +57,13 @@ from alignment.loss import (
     siglip_loss,
 )
 from pipeline.errors import GenealignError
+from pipeline.normalize import fit_gene_pca, fit_pca, zscore
 
 CLIP_LOGIT_SCALE_INIT = 2.6592  # ln(1 / 0.07), the seed's and CLIP's default
 POOLINGS = ("mean", "max", "cls")
 LOSSES = ("clip", "siglip")
 MODES = ("single", "sequence")
-# Above this many input dimensions the front-end PCA uses a randomized range finder instead of an
-# exact eigendecomposition of the (d, d) covariance.
-EXACT_PCA_MAX_DIM = 2048
 FRONTEND_SEED = 0  # fixed: the same train rows always give the same front-end
-NULL_EIGENVALUE_RTOL = 1e-6
 
 
 @dataclass
@@ -101,6 +102,20 @@ class ModelConfig:
             if out[key] is not None:
                 out[key] = list(out[key])
         return out
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "ModelConfig":
+        """The seed's constructor keywords as a config (the mode follows `use_transformer` unless
+        given); an unknown name is a GenealignError listing the known ones."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(kwargs) - set(known))
+        if unknown:
+            raise GenealignError(
+                f"MultiGeneAlignmentModel got unknown argument(s) {', '.join(unknown)}; the known ones are "
+                f"{', '.join(known)}."
+            )
+        kwargs.setdefault("mode", "sequence" if kwargs.get("use_transformer") else "single")
+        return cls(**kwargs)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
@@ -248,133 +263,24 @@ class GeneSequenceEncoder(nn.Module):
         return self._pool(x), torch.stack(weights, dim=1)
 
 
-def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-column mean and std (ddof 0) of x (n, d): two passes over row chunks, each chunk reduced in
-    the input's precision and the chunk sums accumulated in float64. A std below 1e-6 x the mean std
-    (a constant column) is floored there, as pipeline.loader does."""
-    n, d = x.shape
-    step = max(1, (1 << 22) // max(d, 1))
-    total = torch.zeros(d, dtype=torch.float64, device=x.device)
-    for start in range(0, n, step):
-        total += x[start : start + step].sum(0)
-    mean = total / n
-    center = mean.to(x.dtype)
-    sq = torch.zeros(d, dtype=torch.float64, device=x.device)
-    for start in range(0, n, step):
-        sq += (x[start : start + step] - center).square().sum(0)
-    # Correct for the rounding of the mean to the input's precision: E[(x-c)^2] - (mean-c)^2.
-    std = (sq / n - (mean - center.double()).square()).clamp(min=0).sqrt()
-    scale = float(std.mean())
-    return mean, std.clamp(min=1e-6 * scale if scale > 0 else 1.0)
-
-
-def _fix_signs(components: torch.Tensor) -> torch.Tensor:
-    """Make the largest-magnitude entry of each column (..., d, k) positive (eigenvector signs are
-    arbitrary; this makes the fitted front-end reproducible across runs and platforms)."""
-    idx = components.abs().argmax(dim=-2, keepdim=True)  # (..., 1, k)
-    signs = torch.sign(torch.gather(components, -2, idx))
-    return components * torch.where(signs == 0, torch.ones_like(signs), signs)
-
-
-def _top_eigh(cov: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k eigenpairs of symmetric (..., d, d), descending: ((..., k), (..., d, k))."""
-    evals, evecs = torch.linalg.eigh(cov)
-    return evals[..., -k:].flip(-1), evecs[..., -k:].flip(-1)
-
-
-def _whitening_matrix(evals: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
-    """components / sqrt(eigenvalue): z @ W has identity covariance on the fitting rows. A component
-    whose eigenvalue is numerically zero (below NULL_EIGENVALUE_RTOL x the largest; the data have
-    fewer than k independent directions, e.g. a gene with few distinct embeddings) gets a zero column
-    instead: whitening it would multiply rounding noise, and any unseen direction, by ~1e6."""
-    null = evals <= NULL_EIGENVALUE_RTOL * evals.amax(dim=-1, keepdim=True).clamp(min=0)
-    scale = torch.where(null, torch.zeros_like(evals), evals.clamp(min=1e-300).rsqrt())
-    return _fix_signs(components) * scale[..., None, :]
-
-
-def _pca_whitening(z: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """(d, k) float64 PCA-whitening matrix of z-scored rows z (n, d).
-
-    d <= EXACT_PCA_MAX_DIM: exact eigendecomposition of the covariance, accumulated in float64.
-    Larger d (the 12,150-dim latent): randomized subspace iteration (Halko, Martinsson & Tropp 2011;
-    ~7 n*d*(k+p) flops instead of n*d^2 or n^2*d), then an exact Rayleigh-Ritz step on the found
-    subspace, so the whitened fitting rows have identity covariance to float precision."""
-    n, d = z.shape
-    if d <= EXACT_PCA_MAX_DIM:
-        cov = torch.zeros(d, d, dtype=torch.float64, device=z.device)
-        step = max(1, (1 << 22) // d)
-        for start in range(0, n, step):
-            block = z[start : start + step]  # (c, d)
-            cov += (block.T @ block).double()
-        evals, components = _top_eigh(cov / n, k)
-        return _whitening_matrix(evals, components)
-    width = min(k + max(16, k // 4), n, d)
-    omega = torch.randn(d, width, generator=generator, device=z.device, dtype=z.dtype)  # (d, l)
-    basis = torch.linalg.qr(z @ omega).Q  # (n, l) spans the top of z's column space
-    for _ in range(2):  # power iterations sharpen the spectrum's top
-        basis = torch.linalg.qr(z.T @ basis).Q  # (d, l)
-        basis = torch.linalg.qr(z @ basis).Q  # (n, l)
-    subspace = torch.linalg.qr(z.T @ basis).Q  # (d, l) orthonormal, approx. top right singular vectors
-    scores = (z @ subspace).double()  # (n, l)
-    evals, rotation = _top_eigh(scores.T @ scores / n, k)  # exact PCA within the subspace
-    return _whitening_matrix(evals, subspace.double() @ rotation)
-
-
 class MultiGeneAlignmentModel(nn.Module):
     """CLIP-style model aligning brain latents (B, V) with gene embeddings ((B, D) single mode,
     (B, G, D) sequence mode). See the module docstring for the architecture and the front-end."""
 
-    def __init__(
-        self,
-        neuro_input_dim: int = 12150,
-        gene_input_dim: int = 256,
-        num_genes: int = 111,
-        projection_dim: int = 512,
-        use_transformer: bool = False,
-        transformer_hidden_dim: int = 512,
-        transformer_num_layers: int = 4,
-        transformer_num_heads: int = 8,
-        transformer_pooling: str = "mean",
-        neuro_hidden_dim: int | None = None,
-        dropout: float = 0.1,
-        logit_scale_init: float = CLIP_LOGIT_SCALE_INIT,
-        *,
-        neuro_pca_dim: int = 0,
-        gene_pca_dim: int = 0,
-        gene_projection: str = "shared",
-        loss: str = "clip",
-        gene_names=None,
-        latent_shape=None,
-    ):
+    def __init__(self, config: ModelConfig | None = None, **kwargs):
         super().__init__()
-        if loss == "siglip" and logit_scale_init == CLIP_LOGIT_SCALE_INIT:
-            logit_scale_init = SIGLIP_LOGIT_SCALE_INIT
-        self._config = ModelConfig(
-            mode="sequence" if use_transformer else "single",
-            neuro_input_dim=int(neuro_input_dim),
-            gene_input_dim=int(gene_input_dim),
-            num_genes=int(num_genes),
-            projection_dim=int(projection_dim),
-            use_transformer=bool(use_transformer),
-            transformer_hidden_dim=int(transformer_hidden_dim),
-            transformer_num_layers=int(transformer_num_layers),
-            transformer_num_heads=int(transformer_num_heads),
-            transformer_pooling=transformer_pooling,
-            neuro_hidden_dim=int(neuro_hidden_dim) if neuro_hidden_dim else None,
-            dropout=float(dropout),
-            logit_scale_init=float(logit_scale_init),
-            loss=loss,
-            neuro_pca_dim=int(neuro_pca_dim),
-            gene_pca_dim=int(gene_pca_dim),
-            gene_projection=gene_projection,
-            gene_names=tuple(str(g) for g in gene_names) if gene_names is not None else None,
-            latent_shape=tuple(int(s) for s in latent_shape) if latent_shape is not None else None,
-        )
-        _validate(self._config)
-        cfg = self._config
+        if config is None:
+            config = ModelConfig.from_kwargs(**kwargs)
+        elif not isinstance(config, ModelConfig) or kwargs:
+            raise GenealignError(
+                "MultiGeneAlignmentModel takes a ModelConfig or the seed's keyword arguments "
+                "(neuro_input_dim=..., use_transformer=..., ...), not both and not positional values."
+            )
+        cfg = self._config = _resolved(config)
         self.use_transformer = cfg.use_transformer
         self.loss_type = cfg.loss
         gene_shape = (cfg.num_genes, cfg.gene_input_dim) if cfg.use_transformer else (cfg.gene_input_dim,)
+        k_neuro, k_gene = cfg.neuro_pca_dim, cfg.gene_pca_dim
 
         # Front-end buffers: identity normalisation until fit_frontend / load_state_dict fills them.
         self.register_buffer("neuro_mean", torch.zeros(cfg.neuro_input_dim))  # (V,)
@@ -382,17 +288,16 @@ class MultiGeneAlignmentModel(nn.Module):
         self.register_buffer("gene_mean", torch.zeros(gene_shape))  # (G, D) | (D,)
         self.register_buffer("gene_std", torch.ones(gene_shape))  # (G, D) | (D,)
         self.register_buffer("frontend_fitted", torch.tensor(False))
+        self.register_buffer("neuro_pca", torch.zeros(cfg.neuro_input_dim, k_neuro) if k_neuro else None)  # (V, kN)
+        self.register_buffer("gene_pca", torch.zeros(*gene_shape, k_gene) if k_gene else None)  # (G, D, kG) | (D, kG)
         self._frontend_ready = False  # python mirror of frontend_fitted: no device sync per batch
-        self._set_neuro_pca(cfg.neuro_pca_dim, build_encoder=False)
-        self._set_gene_pca(cfg.gene_pca_dim, build_encoder=False)
 
         self.neuro_encoder = _projection_head(
-            cfg.neuro_pca_dim or cfg.neuro_input_dim, cfg.projection_dim, cfg.neuro_hidden_dim, cfg.dropout
+            k_neuro or cfg.neuro_input_dim, cfg.projection_dim, cfg.neuro_hidden_dim, cfg.dropout
         )
-        gene_in = cfg.gene_pca_dim or cfg.gene_input_dim
         if cfg.use_transformer:
             self.gene_encoder = GeneSequenceEncoder(
-                gene_in,
+                k_gene or cfg.gene_input_dim,
                 cfg.num_genes,
                 cfg.transformer_hidden_dim,
                 cfg.transformer_num_layers,
@@ -403,7 +308,7 @@ class MultiGeneAlignmentModel(nn.Module):
                 cfg.gene_projection,
             )
         else:
-            self.gene_encoder = nn.Linear(gene_in, cfg.projection_dim, bias=False)
+            self.gene_encoder = nn.Linear(k_gene or cfg.gene_input_dim, cfg.projection_dim, bias=False)
         _xavier_init(self)
         if cfg.use_transformer and cfg.transformer_pooling == "cls":
             nn.init.normal_(self.gene_encoder.cls_token, std=0.02)
@@ -413,6 +318,7 @@ class MultiGeneAlignmentModel(nn.Module):
             self.logit_bias = nn.Parameter(torch.tensor(SIGLIP_LOGIT_BIAS_INIT))
         else:
             self.logit_bias = None
+        self.register_load_state_dict_pre_hook(_adopt_frontend)
 
     # ----------------------------------------------------------------------------------- config
     @property
@@ -421,28 +327,7 @@ class MultiGeneAlignmentModel(nn.Module):
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> "MultiGeneAlignmentModel":
-        if config.mode not in MODES:
-            raise GenealignError(f"Model mode {config.mode!r} is not one of {MODES}.")
-        return cls(
-            neuro_input_dim=config.neuro_input_dim,
-            gene_input_dim=config.gene_input_dim,
-            num_genes=config.num_genes,
-            projection_dim=config.projection_dim,
-            use_transformer=config.use_transformer or config.mode == "sequence",
-            transformer_hidden_dim=config.transformer_hidden_dim,
-            transformer_num_layers=config.transformer_num_layers,
-            transformer_num_heads=config.transformer_num_heads,
-            transformer_pooling=config.transformer_pooling,
-            neuro_hidden_dim=config.neuro_hidden_dim,
-            dropout=config.dropout,
-            logit_scale_init=config.logit_scale_init,
-            neuro_pca_dim=config.neuro_pca_dim,
-            gene_pca_dim=config.gene_pca_dim,
-            gene_projection=config.gene_projection,
-            loss=config.loss,
-            gene_names=config.gene_names,
-            latent_shape=config.latent_shape,
-        )
+        return cls(config)
 
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu") -> "MultiGeneAlignmentModel":
@@ -479,75 +364,6 @@ class MultiGeneAlignmentModel(nn.Module):
         return model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
 
     # -------------------------------------------------------------------------------- front-end
-    def _set_neuro_pca(self, k: int, build_encoder: bool) -> None:
-        """(Re)size the neuro PCA buffer (V, k) (None when k = 0) and, if asked, the neuro encoder."""
-        cfg = self._config
-        like = self.neuro_mean
-        self.register_buffer(
-            "neuro_pca", torch.zeros(cfg.neuro_input_dim, k, dtype=like.dtype, device=like.device) if k else None
-        )
-        self._config = replace(cfg, neuro_pca_dim=k)
-        if build_encoder:
-            old = next(self.neuro_encoder.parameters())
-            self.neuro_encoder = _projection_head(
-                k or cfg.neuro_input_dim, cfg.projection_dim, cfg.neuro_hidden_dim, cfg.dropout
-            ).to(device=old.device, dtype=old.dtype)
-            _xavier_init(self.neuro_encoder)
-
-    def _set_gene_pca(self, k: int, build_encoder: bool) -> None:
-        """(Re)size the gene PCA buffer (G, D, k) | (D, k) and, if asked, the gene encoder's input layer."""
-        cfg = self._config
-        like = self.gene_mean
-        self.register_buffer(
-            "gene_pca", torch.zeros(*like.shape, k, dtype=like.dtype, device=like.device) if k else None
-        )
-        self._config = replace(cfg, gene_pca_dim=k)
-        if build_encoder:
-            in_dim = k or cfg.gene_input_dim
-            if cfg.use_transformer:
-                old = self.gene_encoder.input_projection.weight
-                layer = _gene_input_layer(cfg.gene_projection, cfg.num_genes, in_dim, cfg.transformer_hidden_dim)
-                _xavier_init(layer)
-                self.gene_encoder.input_projection = layer.to(device=old.device, dtype=old.dtype)
-            else:
-                old = self.gene_encoder.weight
-                layer = nn.Linear(in_dim, cfg.projection_dim, bias=False)
-                _xavier_init(layer)
-                self.gene_encoder = layer.to(device=old.device, dtype=old.dtype)
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
-        # Adopt the checkpoint's front-end (PCA dims) before the tensors are copied, so that a model
-        # built with the seed's constructor (no PCA arguments) loads a PCA-trained state_dict. Runs
-        # before the children load, so the resized encoder layers receive their weights. A partial
-        # state_dict without front-end buffers (strict=False loads) leaves the front-end alone.
-        if prefix + "neuro_mean" in state_dict:
-            self._adopt_frontend(state_dict, prefix)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        fitted = state_dict.get(prefix + "frontend_fitted")
-        if fitted is not None:
-            self._frontend_ready = bool(fitted)
-
-    def _adopt_frontend(self, state_dict, prefix: str) -> None:
-        """Resize the PCA buffers and the encoders' input layers to the state_dict's PCA dims (and
-        adopt a per-gene input projection), so the seed's constructor call loads any checkpoint."""
-        projection = state_dict.get(prefix + "gene_encoder.input_projection.weight")
-        kind = "per_gene" if projection is not None and projection.dim() == 3 else "shared"
-        if self._config.use_transformer and projection is not None and kind != self._config.gene_projection:
-            self._config = replace(self._config, gene_projection=kind)
-            self._set_gene_pca(self._config.gene_pca_dim, build_encoder=True)
-        neuro_pca = state_dict.get(prefix + "neuro_pca")
-        k_neuro = int(neuro_pca.shape[-1]) if neuro_pca is not None and neuro_pca.dim() == 2 else 0
-        if k_neuro != self._config.neuro_pca_dim:
-            self._set_neuro_pca(k_neuro, build_encoder=True)
-        gene_pca = state_dict.get(prefix + "gene_pca")
-        k_gene = int(gene_pca.shape[-1]) if gene_pca is not None and gene_pca.dim() == self.gene_mean.dim() + 1 else 0
-        if k_gene != self._config.gene_pca_dim:
-            self._set_gene_pca(k_gene, build_encoder=True)
-
     def _check_neuro(self, neuro: torch.Tensor) -> torch.Tensor:
         v = self._config.neuro_input_dim
         if neuro.dim() < 2 or math.prod(neuro.shape[1:]) != v:
@@ -587,7 +403,7 @@ class MultiGeneAlignmentModel(nn.Module):
 
         neuro (n, V) and genes (n, G, D) [sequence] or (n, D) [single], raw store values. Runs on the
         inputs' device; deterministic (fixed generator seed); float64 accumulation of the moments and
-        covariances. A few seconds on CPU for n = 6000, V = 12150, neuro_pca_dim = 256."""
+        covariances (`pipeline.normalize`)."""
         neuro = self._check_neuro(neuro)
         genes = self._check_genes(genes)
         cfg = self._config
@@ -605,49 +421,27 @@ class MultiGeneAlignmentModel(nn.Module):
         work = torch.float64 if neuro.dtype == torch.float64 else torch.float32
         neuro, genes = neuro.to(work), genes.to(work)  # no copy unless float16 / bfloat16 rows
         generator = torch.Generator(device=neuro.device).manual_seed(FRONTEND_SEED)
-
-        mean, std = _moments(neuro)  # (V,) float64
+        mean, std, whitening = fit_pca(neuro, cfg.neuro_pca_dim, generator)  # (V,), (V,), (V, kN) | None
         self.neuro_mean.copy_(mean)
         self.neuro_std.copy_(std)
-        if cfg.neuro_pca_dim:
-            z = neuro.to(work, copy=True).sub_(mean.to(work)).div_(std.to(work))  # (n, V) z-scored
-            self.neuro_pca.copy_(_pca_whitening(z, cfg.neuro_pca_dim, generator))
-            del z
-
-        flat = genes.reshape(n, -1)  # (n, G*D) | (n, D)
-        gmean, gstd = _moments(flat)
-        self.gene_mean.copy_(gmean.reshape(self.gene_mean.shape))
-        self.gene_std.copy_(gstd.reshape(self.gene_std.shape))
-        if cfg.gene_pca_dim:
-            self.gene_pca.copy_(self._fit_gene_pca(genes, gmean, gstd, work))
+        if whitening is not None:
+            self.neuro_pca.copy_(whitening)
+        mean, std, whitening = fit_gene_pca(genes.reshape(n, -1, cfg.gene_input_dim), cfg.gene_pca_dim)  # (G, D, kG)
+        self.gene_mean.copy_(mean.reshape(self.gene_mean.shape))
+        self.gene_std.copy_(std.reshape(self.gene_std.shape))
+        if whitening is not None:
+            self.gene_pca.copy_(whitening.reshape(self.gene_pca.shape))
         self.frontend_fitted.fill_(True)
         self._frontend_ready = True
 
-    def _fit_gene_pca(self, genes, mean, std, work) -> torch.Tensor:
-        """Per-gene whitening (G, D, k) [sequence] or (D, k) [single]: exact eigendecomposition of each
-        gene's (D, D) covariance, accumulated over row chunks in float64."""
-        n, d = genes.shape[0], self._config.gene_input_dim
-        genes = genes.reshape(n, -1, d)  # (n, G, D)
-        g = genes.shape[1]
-        mean, std = mean.reshape(g, d).to(work), std.reshape(g, d).to(work)
-        cov = torch.zeros(g, d, d, dtype=torch.float64, device=genes.device)
-        step = 8192
-        for j in range(g):
-            for start in range(0, n, step):
-                z = (genes[start : start + step, j] - mean[j]) / std[j]  # (c, D)
-                cov[j] += (z.T @ z).double()
-        evals, components = _top_eigh(cov / n, self._config.gene_pca_dim)
-        whitening = _whitening_matrix(evals, components)  # (G, D, k)
-        return whitening if self.use_transformer else whitening[0]
-
     def _neuro_frontend(self, neuro: torch.Tensor) -> torch.Tensor:
-        x = (neuro - self.neuro_mean) / self.neuro_std  # (B, V)
+        x = zscore(neuro, self.neuro_mean, self.neuro_std)  # (B, V)
         if self.neuro_pca is not None:
             x = x @ self.neuro_pca  # (B, kN)
         return x
 
     def _gene_frontend(self, genes: torch.Tensor) -> torch.Tensor:
-        x = (genes - self.gene_mean) / self.gene_std  # (B, G, D) | (B, D)
+        x = zscore(genes, self.gene_mean, self.gene_std)  # (B, G, D) | (B, D)
         if self.gene_pca is not None:
             if self.use_transformer:
                 x = torch.einsum("bgd,gdk->bgk", x, self.gene_pca)  # (B, G, kG)
@@ -743,6 +537,65 @@ class MultiGeneAlignmentModel(nn.Module):
             {"params": decay, "weight_decay": float(weight_decay)},
             {"params": no_decay, "weight_decay": 0.0},
         ]
+
+
+def _resolved(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` as the model uses it: types coerced, mode and use_transformer agreeing (either selects
+    the sequence model), the SigLIP temperature when the CLIP default was left; validated."""
+    if cfg.mode not in MODES:
+        raise GenealignError(f"Model mode {cfg.mode!r} is not one of {MODES}.")
+    sequence = cfg.mode == "sequence" or bool(cfg.use_transformer)
+    logit_scale_init = float(cfg.logit_scale_init)
+    if cfg.loss == "siglip" and logit_scale_init == CLIP_LOGIT_SCALE_INIT:
+        logit_scale_init = SIGLIP_LOGIT_SCALE_INIT
+    ints = ("neuro_input_dim", "gene_input_dim", "num_genes", "projection_dim", "transformer_hidden_dim",
+            "transformer_num_layers", "transformer_num_heads", "neuro_pca_dim", "gene_pca_dim")
+    cfg = replace(
+        cfg,
+        **{name: int(getattr(cfg, name)) for name in ints},
+        mode="sequence" if sequence else "single",
+        use_transformer=sequence,
+        neuro_hidden_dim=int(cfg.neuro_hidden_dim) if cfg.neuro_hidden_dim else None,
+        dropout=float(cfg.dropout),
+        logit_scale_init=logit_scale_init,
+        gene_names=tuple(str(g) for g in cfg.gene_names) if cfg.gene_names is not None else None,
+        latent_shape=tuple(int(s) for s in cfg.latent_shape) if cfg.latent_shape is not None else None,
+    )
+    _validate(cfg)
+    return cfg
+
+
+def _adopt_frontend(model: MultiGeneAlignmentModel, state_dict, prefix: str, *_) -> None:
+    """load_state_dict pre-hook: rebuild `model` for the state_dict's front-end (PCA widths from the
+    neuro_pca / gene_pca shapes, shared or per-gene input projection) before its tensors are copied.
+
+    The seed's example constructs the model with the seed's arguments and then loads a checkpoint
+    that may have been trained with PCA, whose buffers and input layers have other shapes than a
+    plain load can fill. A partial state_dict without the front-end (strict=False) changes nothing."""
+    if prefix + "neuro_mean" not in state_dict:
+        return
+    cfg = model._config
+    neuro_pca = state_dict.get(prefix + "neuro_pca")
+    gene_pca = state_dict.get(prefix + "gene_pca")
+    projection = state_dict.get(prefix + "gene_encoder.input_projection.weight")  # (G, d_in, H) per gene
+    derived = replace(
+        cfg,
+        neuro_pca_dim=int(neuro_pca.shape[-1]) if neuro_pca is not None and neuro_pca.dim() == 2 else 0,
+        gene_pca_dim=int(gene_pca.shape[-1]) if gene_pca is not None and gene_pca.dim() == model.gene_mean.dim() + 1 else 0,
+    )
+    if cfg.use_transformer and projection is not None:
+        derived = replace(derived, gene_projection="per_gene" if projection.dim() == 3 else "shared")
+    if derived != cfg:
+        like = model.logit_scale
+        fresh = type(model)(derived).to(device=like.device, dtype=like.dtype)
+        model._config = fresh._config
+        for name, child in fresh.named_children():
+            setattr(model, name, child)
+        for name in ("neuro_pca", "gene_pca"):
+            model.register_buffer(name, getattr(fresh, name))
+    fitted = state_dict.get(prefix + "frontend_fitted")
+    if fitted is not None:
+        model._frontend_ready = bool(fitted)
 
 
 def _validate(cfg: ModelConfig) -> None:

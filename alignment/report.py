@@ -16,6 +16,7 @@ from pipeline.atomic import atomic_write, atomic_write_text
 
 DIRECTION_TITLES = {"neuro_to_gene": "neuro→gene", "gene_to_neuro": "gene→neuro"}
 COLORS = {"model": "C0", "cca": "C1", "pls": "C2", "oracle": "C3", "chance": "0.4"}
+REPORT_NAME = "report.md"
 PLOTS = {"topk": "topk_curves.png", "ranks": "rank_histogram.png", "similarity": "similarity.png"}
 
 
@@ -131,7 +132,7 @@ def _headline_table(rows: list[dict], directions, pool_size: int, n: int) -> str
 
 
 def comparison_markdown(rows: list[dict], pool_size: int, n: int, reports: list[tuple[str, Path]],
-                        base: Path | None = None) -> str:
+                        base: Path | None = None, versus: list[str] = ()) -> str:
     """The demo's report: one table across evaluations, with links to each evaluation's report
     (relative to `base`, the folder the markdown is written to, when given)."""
     import os
@@ -149,6 +150,8 @@ def comparison_markdown(rows: list[dict], pool_size: int, n: int, reports: list[
         "",
         _headline_table(rows, directions, pool_size, n),
         "",
+        *[f"- {line}" for line in versus],
+        *([""] if versus else []),
         "Full figures (top-5/10, ranks, MRR, every pool, plots): "
         + "; ".join(f"[{label}]({Path(path).as_posix()})" for label, path in reports) + ".",
         "",
@@ -196,6 +199,21 @@ def _detail_table(metrics: dict, pool_key: str) -> str:
     return _table(header, body)
 
 
+def versus_strongest(metrics: dict) -> str | None:
+    """One sentence: the model's headline top-1 (mean of both directions) against the baseline that
+    did best on the val split, or None when no baseline was scored on val."""
+    name = metrics.get("strongest_baseline")
+    if not name or "model" not in metrics["methods"]:
+        return None
+    pool_key = metrics["headline_pool"]
+    model, base = (method_row(metrics, m, pool_key) for m in ("model", name))
+    mean = lambda row: (row["top1_neuro_to_gene"] + row["top1_gene_to_neuro"]) / 2  # noqa: E731
+    ratio = f"{mean(model) / mean(base):.2f}x" if mean(base) > 0 else "n/a"
+    return (f"Strongest baseline (best on the val split): {metrics['methods'][name]['label']}, top-1 {mean(base):.3f} "
+            f"(mean of both directions, pool {_pool_size(metrics, pool_key):,}, chance {1 / _pool_size(metrics, pool_key):.4f}); "
+            f"the model: {mean(model):.3f} = {ratio} the strongest baseline.")
+
+
 def report_markdown(metrics: dict, plot_names: dict | None = None) -> str:
     pool_key = metrics["headline_pool"]
     pool_size = _pool_size(metrics, pool_key)
@@ -205,6 +223,7 @@ def report_markdown(metrics: dict, plot_names: dict | None = None) -> str:
         "",
         _sentence(metrics),
         "",
+        *([versus_strongest(metrics), ""] if versus_strongest(metrics) else []),
         f"## Headline: top-1 out of {pool_size:,}" + (" (the whole split)" if pool_key == "all" else ""),
         "",
         _headline_table(headline_rows(metrics), list(metrics["directions"]), pool_size, n),
@@ -236,12 +255,16 @@ def report_markdown(metrics: dict, plot_names: dict | None = None) -> str:
     for method in metrics["methods_order"]:
         fit = metrics["methods"][method].get("fit")
         if fit and method != "oracle":
-            corr = ", ".join(f"{c:.2f}" for c in fit["train_canonical_correlations"][:6] if c is not None)
+            corr = ", ".join(f"{c:.2f}" for c in (fit.get("train_correlations") or [])[:6] if c is not None)
             per_gene = f", {fit['per_gene_dim']} whitened components per gene before the joint PCA" if fit.get("per_gene_dim") else ""
+            chosen = ", ".join(f"{k} {v}" for k, v in fit.items() if k in ("alpha", "rank", "brain_dim", "genes_kept")
+                               and v is not None)
+            val = f"; val top-1 {fit['val_top1']:.3f}" if fit.get("val_top1") is not None else ""
+            strongest = " **(strongest on val)**" if fit.get("strongest_on_val") else ""
             fit_lines.append(
-                f"- {metrics['methods'][method]['label']}: fitted on {fit['n_fit_rows']:,} train subjects; PCA to "
+                f"- {metrics['methods'][method]['label']}{strongest}: fitted on {fit['n_fit_rows']:,} train subjects; PCA to "
                 f"{fit['neuro_pca_dim']} (neuro) and {fit['gene_pca_dim']} (genes){per_gene}; {fit['n_components']} "
-                f"components (train correlations {corr}); {fit['scoring']}."
+                f"components (train correlations {corr})" + (f"; chosen on val: {chosen}" if chosen else "") + f"{val}."
             )
         elif fit:
             fit_lines.append(f"- {metrics['methods'][method]['label']}: the generator's true parameters from `{fit['truth']}`; "
@@ -342,7 +365,7 @@ def write_report(metrics: dict, plot_data: dict, out_dir: Path) -> tuple[Path, d
         "similarity": plot_similarity(metrics, plot_data, out_dir / PLOTS["similarity"]),
     }
     names = {"top-k curves": PLOTS["topk"], "rank histogram": PLOTS["ranks"], "matched vs unmatched": PLOTS["similarity"]}
-    report = atomic_write_text(out_dir / "report.md", report_markdown(metrics, names))
+    report = atomic_write_text(out_dir / REPORT_NAME, report_markdown(metrics, names))
     return report, plots
 
 

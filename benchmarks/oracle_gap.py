@@ -33,13 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline import open_store  # noqa: E402
-from pipeline.synth import (  # noqa: E402
-    _components,
-    _gene_posterior,
-    _model_from_truth,
-    _observed_coefficients,
-    load_truth,
-)
+from pipeline.oracle import _gene_posterior, _model_from_truth, _observed_coefficients  # noqa: E402
+from pipeline.synth import _components, load_truth  # noqa: E402
 
 SPLITS = ("train", "val", "test")
 

@@ -4,10 +4,13 @@ Files go to a temporary sibling, are fsynced and `os.replace`d over the target (
 Directories (Zarr stores) cannot be replaced atomically over a non-empty directory, so the old one is
 first renamed to a backup sibling, the new one renamed into place, then the backup removed;
 `recover_dir` undoes a crash between the two renames, so a reader always finds a complete store.
+A long-running writer holds an flock on its temp dir (`hold`), so that a later run can tell the temp
+dirs of writers that died (lock free: `remove_dead_temp_dirs`) from those still at work.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -73,6 +76,33 @@ def temp_dir_for(path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+
+
+def hold(directory: str | Path) -> int:
+    """An exclusive flock on `directory`, as an open fd: closing it, or the process dying, releases it."""
+    fd = os.open(directory, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def remove_dead_temp_dirs(path: str | Path, marker: str) -> None:
+    """Remove the `temp_dir_for(path)` dirs that hold `marker` (a name inside, made once held) and
+    whose flock is free: the run that made them died."""
+    path = Path(path)
+    for candidate in path.parent.glob(f".{path.name}.*.partial"):
+        if not (candidate / marker).exists():  # another writer's, or not yet held
+            continue
+        try:
+            fd = os.open(candidate, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(candidate, ignore_errors=True)
+        except OSError:  # held: its run is still at work
+            pass
+        finally:
+            os.close(fd)
 
 
 def recover_dir(path: str | Path) -> None:

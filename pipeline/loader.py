@@ -1,4 +1,4 @@
-"""Batches for training straight from the store, plus streamed train-split feature statistics.
+"""Batches for training straight from the store.
 
 The seed's loader built every batch from 64 per-subject `__getitem__` calls, each doing 111 pandas row
 look-ups and one npz open. Here a batch is one gather of rows that are already in memory (or, for
@@ -33,7 +33,8 @@ window are permuted. So a batch mixes rows of up to `shuffle_buffer_chunks` chun
 cohort. It is still every row exactly once per epoch, deterministic from (seed, epoch), and sharded like
 the others; each rank reads every chunk (the rows of one window are spread over all ranks).
 
-Values are the raw store values as float32: normalisation belongs to the model (`fit_frontend`).
+Values are the raw store values as float32: normalisation belongs to the model (`fit_frontend`, which
+uses `pipeline.normalize`).
 """
 
 from __future__ import annotations
@@ -68,14 +69,6 @@ class LoaderConfig:
     memory_fraction: float = 0.5  # 'auto': share of free GPU memory / available RAM the rows may take
 
 
-@dataclass(frozen=True)
-class FeatureStats:
-    neuro_mean: np.ndarray  # (V,) float32
-    neuro_std: np.ndarray  # (V,) float32, floored
-    gene_mean: np.ndarray  # (G, D) float32
-    gene_std: np.ndarray  # (G, D) float32, floored
-
-
 # ---------------------------------------------------------------------------------------------------
 # Reading rows from the store
 
@@ -96,40 +89,6 @@ def read_tensors(store: StoreView, rows, device, gene_index: int | None = None):
     neuro, genes = store.read_rows(rows, gene_index, dtype=np.float32)
     device = torch.device(device)
     return torch.from_numpy(neuro).to(device), torch.from_numpy(genes).to(device)
-
-
-def feature_stats(store: StoreView, rows) -> FeatureStats:
-    """Per-feature mean and std (ddof 0) of neuro (V,) and genes (G, D) over `rows` (the train split).
-
-    Streams chunk spans and merges per-span float64 moments with Chan's parallel formula, which stays
-    accurate when a feature's mean is large against its spread (plain sum/sum-of-squares does not).
-    A std below 1e-6 x the modality's mean std (a constant feature) is raised to that floor, so
-    dividing by it never blows up; if every feature is constant the floor is 1."""
-    rows = np.asarray(rows, dtype=np.int64)
-    if len(rows) == 0:
-        raise GenealignError(f"feature_stats needs at least one row of store {store.path}; got none.")
-    moments = {"neuro": [0, 0.0, 0.0], "genes": [0, 0.0, 0.0]}  # name -> [count, mean, M2]
-    for _, neuro, genes in row_blocks(store, rows):
-        for name, block in (("neuro", neuro), ("genes", genes)):
-            block = block.astype(np.float64)
-            m = block.shape[0]
-            block_mean = block.mean(axis=0)
-            block_m2 = ((block - block_mean) ** 2).sum(axis=0)
-            n, mean, m2 = moments[name]
-            delta = block_mean - mean
-            total = n + m
-            moments[name] = [total, mean + delta * (m / total), m2 + block_m2 + delta**2 * (n * m / total)]
-
-    def finish(name):
-        n, mean, m2 = moments[name]
-        std = np.sqrt(m2 / n)
-        scale = float(std.mean())
-        floor = 1e-6 * scale if scale > 0 else 1.0
-        return mean.astype(np.float32), np.maximum(std, floor).astype(np.float32)
-
-    neuro_mean, neuro_std = finish("neuro")
-    gene_mean, gene_std = finish("genes")
-    return FeatureStats(neuro_mean, neuro_std, gene_mean, gene_std)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -32,11 +32,11 @@ from pipeline.errors import GenealignError, GeneNotFoundError
 
 SCHEMA_VERSION = 1
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
-SPLIT_NAMES = {code: name for name, code in SPLIT_CODES.items()}
 DEFAULT_SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 # Salt of the split hash: changing it would move subjects between splits, so it is part of the schema.
 SPLIT_SALT = "genealign-split-v1"
 REPORT_NAME = "ingest_report.json"
+FINGERPRINTS_NAME = "fingerprints.json"  # every input file's fingerprint, beside the report
 # Bytes of consecutive chunks read per zarr call (zarr reads the chunks of one call concurrently).
 READ_SPAN_BYTES = 16 << 20
 
@@ -120,14 +120,8 @@ class StoreView:
         naming `where` (what the user pointed at, e.g. a gene embedding directory; default the store)."""
         if name in self.gene_names:
             return self.gene_names.index(name)
-        import difflib
-
-        close = difflib.get_close_matches(name, self.gene_names, n=5)
-        hint = f" Close matches: {', '.join(close)}." if close else ""
-        raise GeneNotFoundError(
-            f"Gene '{name}' not found in {where or f'store {self.path}'}.{hint} "
-            f"Available genes: {', '.join(self.gene_names)}"
-        )
+        raise gene_not_found(name, self.gene_names, where or f"store {self.path}",
+                             f"`genealign info --store {self.path} --list-genes`")
 
     def read_rows(self, rows, gene_index: int | None = None, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
         """Rows in the given order: neuro (n, V) flattened, genes (n, G, D), or (n, D) with
@@ -202,9 +196,144 @@ def row_blocks(store: StoreView, rows: np.ndarray, gene_index: int | None = None
 
 def read_into(array, selection, out: np.ndarray) -> None:
     """array[selection] written into `out` (same shape and dtype) without a temporary array."""
-    from zarr.core.buffer.cpu import NDBuffer
+    from zarr.buffer.cpu import NDBuffer
 
     array.get_basic_selection(selection, out=NDBuffer.from_numpy_array(out))
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def store_attrs(path: Path) -> dict | None:
+    """The group attributes of a genealign store at `path`; None for anything else."""
+    meta = read_json(Path(path) / "zarr.json")
+    attrs = meta.get("attributes", {}) if isinstance(meta, dict) else {}
+    return attrs if attrs.get("kind") == "genealign-store" else None
+
+
+def stale_reasons(path: Path, attrs: dict, options: dict, fingerprints: dict) -> list[str]:
+    """Why the store at `path` (its `attrs`) is not what an ingest with `options` of inputs with
+    `fingerprints` (`pipeline.sources.fingerprints`) would write; empty when it is."""
+    previous, changes = attrs.get("ingest", {}), []
+    if attrs.get("schema_version") != SCHEMA_VERSION:
+        changes.append(f"schema version {attrs.get('schema_version')} -> {SCHEMA_VERSION}")
+    old_options = previous.get("options", {})
+    changes += [f"{key} {_shown(old_options.get(key))} -> {_shown(value)}"
+                for key, value in options.items() if previous and old_options.get(key) != value]
+    if not previous:
+        changes.append("it was not written by `genealign ingest`")
+    elif previous.get("digest") != fingerprints["digest"]:
+        changes.append(_describe_input_changes(path, attrs, fingerprints))
+    return changes
+
+
+def _shown(value) -> str:
+    if not isinstance(value, list):
+        return str(value)
+    return ",".join(str(v) for v in value[:4]) + (f",... ({len(value)})" if len(value) > 4 else "")
+
+
+def _describe_input_changes(path: Path, attrs: dict, fingerprints: dict) -> str:
+    previous, parts = attrs.get("fingerprints", {}), []
+    old_genes, new_genes = previous.get("gene_files", {}), fingerprints["gene_files"]
+    for label, names in (("gene files added", sorted(set(new_genes) - set(old_genes))),
+                         ("removed", sorted(set(old_genes) - set(new_genes))),
+                         ("changed", sorted(n for n in set(old_genes) & set(new_genes) if old_genes[n] != new_genes[n]))):
+        if names:
+            parts.append(f"{label}: " + ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else ""))
+    old_latents = (read_json(Path(path) / FINGERPRINTS_NAME) or {}).get("latent_files")
+    new_latents = fingerprints["latent_files"]
+    if old_latents is not None:
+        n_added, n_removed = len(set(new_latents) - set(old_latents)), len(set(old_latents) - set(new_latents))
+        n_changed = sum(1 for n in set(old_latents) & set(new_latents) if old_latents[n] != new_latents[n])
+        if n_added or n_removed or n_changed:
+            parts.append(f"latent files: {n_added} added, {n_removed} removed, {n_changed} changed")
+    elif previous.get("latent_files", {}).get("sha256") != fingerprints["latent_digest"]:
+        parts.append("latent files changed")
+    if not parts:
+        old = attrs.get("sources", {})
+        parts.append(f"source directories were {old.get('gene_embedding_dir')} and {old.get('brain_latent_dir')}")
+    return "inputs changed: " + "; ".join(parts)
+
+
+def gene_not_found(name: str, available, where: str, listing: str) -> GeneNotFoundError:
+    """The one "gene not found" error: close matches, a few of the genes and their count, and the
+    command that lists them all (`listing`)."""
+    import difflib
+
+    available = list(available)
+    same_case = [a for a in available if a.lower() == name.lower()]
+    close = list(dict.fromkeys(same_case + difflib.get_close_matches(name, available, n=5, cutoff=0.6)))
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    shown = ", ".join(available[:8]) + (f", ... ({len(available):,} in all)" if len(available) > 8 else "")
+    return GeneNotFoundError(f"Gene '{name}' not found in {where}.{hint} Available genes: {shown}; list them "
+                             f"with {listing}.")
+
+
+def drop_kind(reason: str) -> str:
+    """A drop reason with its gene folded: "missing from gene X" -> "missing from a gene CSV"."""
+    for prefix in ("missing from gene ", "NaN or inf in gene "):
+        if reason.startswith(prefix):
+            return prefix.replace("gene ", "a gene CSV")
+    return reason
+
+
+def drops_in_words(dropped_by_reason: dict[str, int]) -> dict[str, str]:
+    """Drops per kind, e.g. {"missing from a gene CSV": "200 subjects across 63 genes"}."""
+    subjects: dict[str, int] = {}
+    genes: dict[str, int] = {}
+    for reason, count in dropped_by_reason.items():
+        kind = drop_kind(reason)
+        subjects[kind] = subjects.get(kind, 0) + count
+        genes[kind] = genes.get(kind, 0) + (kind != reason)
+    words = {}
+    for kind, n in sorted(subjects.items(), key=lambda item: -item[1]):
+        words[kind] = f"{n:,} subject{'s' * (n != 1)}"
+        if genes[kind]:
+            words[kind] += f" across {genes[kind]:,} gene{'s' * (genes[kind] != 1)}"
+    return words
+
+
+def store_summary(view: StoreView) -> dict:
+    """What `genealign info` prints about an opened store; drops folded by kind (every dropped
+    subject with its reason is in ingest_report.json)."""
+    import os
+
+    attrs, report = view.attrs, view.report()
+    counts = attrs.get("counts", {})
+    compressors = getattr(view.genes, "compressors", ()) or ()
+    size = float(sum(os.lstat(os.path.join(d, n)).st_size for d, _, names in os.walk(view.path) for n in names))
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            break
+        size /= 1024
+    return {
+        "path": str(view.path),
+        "subjects": view.n_subjects,
+        "split": {name: int(np.sum(view.split == code)) for name, code in SPLIT_CODES.items()},
+        "split_fractions": attrs.get("split_fractions"),
+        "genes": view.n_genes,
+        "gene_names": list(view.gene_names),
+        "embedding_dim": view.embedding_dim,
+        "latent_shape": list(view.latent_shape),
+        "dtype": view.dtype,
+        "chunk_rows": view.chunk_rows,
+        "chunks": {"neuro": list(view.neuro.chunks), "genes": list(view.genes.chunks)},
+        "compression": ", ".join(type(c).__name__ for c in compressors) or "none",
+        "size_on_disk": f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}",
+        "sources": attrs.get("sources", {}),
+        "found": counts.get("found", report.get("found", {})),
+        "dropped": len(report.get("dropped", [])),
+        "dropped_by_kind": drops_in_words(report.get("dropped_by_reason", counts.get("dropped_by_reason", {}))),
+        "report": str(view.path / REPORT_NAME),
+        "created": attrs.get("created"),
+        "tool_version": attrs.get("tool_version"),
+        "schema_version": attrs.get("schema_version"),
+    }
 
 
 def gene_shape(store: StoreView, gene_index: int | None) -> tuple[int, ...]:
@@ -344,12 +473,15 @@ def create_store_arrays(
     # Chunk files side by side ("c.7.0.0"), not zarr's default nested "c/7/0/0": a directory per chunk
     # was half the ingest's file-system time (mkdir ~0.25-1 ms each on ext4, 392 at 10,000 subjects).
     flat = {"name": "default", "separator": "."}
+    # Every chunk is written: without this zarr first compares each chunk with the fill value, a
+    # second pass over the data that only pays for sparse arrays.
+    write_all = {"write_empty_chunks": True}
     group.create_array(
         "neuro", shape=(n, *latent_shape), dtype=dtype, chunks=(c, *latent_shape), compressors=compressors,
-        chunk_key_encoding=flat,
+        chunk_key_encoding=flat, config=write_all,
     )
     group.create_array(
         "genes", shape=(n, n_genes, dim), dtype=dtype, chunks=(c, n_genes, dim), compressors=compressors,
-        chunk_key_encoding=flat,
+        chunk_key_encoding=flat, config=write_all,
     )
     return group

@@ -1,10 +1,12 @@
-"""Synthetic cohorts with known ground truth, in exactly the seed's file formats, plus their oracle.
+"""Synthetic cohorts with known ground truth, in exactly the seed's file formats.
 
 `synthesize(SynthConfig(...))` writes
 
     out_dir/gene_embeddings/{GENE}_brain_gene_embeddingUKB.csv   IID, emb_0 .. emb_{D-1}; one row a subject
     out_dir/brain_latent/{IID}_latent.npz                        np.savez, key `latent`, float32, latent_shape
     out_dir/truth.json                                           the ground truth (see `synthesize`)
+    out_dir/covariates.csv, out_dir/kinship.dat                  with `confounds` / `families` only
+    out_dir/.genealign-synth.json                                what synth wrote (pipeline.synth_output)
 
 The generative model (per subject; every parameter is rebuilt from the seed, never stored):
 
@@ -24,9 +26,10 @@ The generative model (per subject; every parameter is rebuilt from the seed, nev
   (think head size, age), a mean image, Gaussian-blurred noise and white noise.
 - `null=True`: the brain uses an independent copy of (z, u, w): same marginal distributions of both
   modalities, no gene->brain signal.
+- `confounds=True` / `families=F`: covariates and relatives as in UK Biobank (`pipeline.synth_confounds`),
+  drawn from their own random streams: without them the output is what it was before they existed.
 
-`oracle_embeddings` scores every (gene row, neuro row) pair with the generator's true parameters and
-the observed data only; `oracle_retrieval` turns that into top-1 retrieval on a random pool.
+The oracle (`pipeline.oracle`) rebuilds every parameter from truth.json and scores retrieval with them.
 
 CSV values are written with a fixed number of decimals (`GeneratorSpec.decimals`, 5 by default:
 6 significant digits for values >= 1) by a vectorised formatter; the value a reader gets back,
@@ -35,6 +38,7 @@ CSV values are written with a fixed number of decimals (`GeneratorSpec.decimals`
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import multiprocessing
@@ -42,14 +46,27 @@ import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.atomic import atomic_write_json, replace_dir, temp_dir_for
 from pipeline.errors import GenealignError
-from pipeline.sources import DEFAULT_IID_COLUMN, DEFAULT_LATENT_KEY, gene_file_name, latent_file_name
+from pipeline import synth_confounds as confounds
+from pipeline.sources import DEFAULT_LATENT_KEY, gene_file_name, latent_file_name
+from pipeline.synth_output import (
+    GENERATOR,
+    GENERATOR_VERSION,
+    TRUTH_NAME,
+    claim_folder,
+    remove_own,
+    settings_record,
+    truth_record,
+    write_gene_csv,
+    write_marker,
+)
+from pipeline.synth_space import Whitener, apply_axes, blob_map, blur_matrix
 
 # Real HGNC symbols of brain-relevant genes; a cohort with `genes=G` uses the first G.
 GENE_SYMBOLS = (
@@ -73,14 +90,13 @@ GENE_SYMBOLS = (
     "GFAP", "AQP4", "SLC1A2", "OLIG2", "MBP", "PLP1", "MOG", "CX3CR1", "NOTCH3", "DCC", "ROBO1",
 )
 
-TRUTH_NAME = "truth.json"
-GENERATOR = "genealign-synth"
-GENERATOR_VERSION = 1
 IID_LOW, IID_HIGH = 1_000_000, 6_000_000  # UKB-like 7-digit IIDs in [IID_LOW, IID_HIGH)
+CONFOUND_SPEC = confounds.ConfoundSpec()
 BRAIN_CHUNK = 1024  # subjects per brain noise stream; fixed so the output never depends on workers
 
 # Independent random streams: np.random.default_rng([seed, STREAM, ...]).
 _SUBJECTS, _GENE_NOISE, _BRAIN_NOISE, _GENE_PARAMS, _ASSIGN, _BRAIN_PARAMS, _ORACLE_MC, _ROWS = range(8)
+_CONFOUNDS, _FAMILIES, _CONFOUND_PARAMS, _CONFOUND_MAPS, _KINSHIP = range(8, 13)  # --confounds / --families
 
 
 @dataclass(frozen=True)
@@ -98,6 +114,8 @@ class SynthConfig:
     missing_latent_frac: float = 0.01
     missing_gene_row_frac: float = 0.005
     shuffle_rows: bool = True
+    confounds: bool = False  # covariates.csv; age, sex, site, head size, ancestry drive the modalities
+    families: float = 0.0  # fraction of subjects in sibling pairs/trios; kinship.dat
 
 
 @dataclass(frozen=True)
@@ -114,11 +132,7 @@ class SynthResult:
 @dataclass(frozen=True)
 class GeneratorSpec:
     """The generative model's fixed hyper-parameters (recorded in truth.json, read back by the oracle).
-
-    Calibrated at signal=1.0 with 111 x 256 genes and (3, 15, 18, 15) latents: the oracle's top-1 on
-    a pool of 1,000 is ~0.6-0.7 (both directions); a linear PCA+CCA or ridge model trained on 6,000
-    subjects gets ~0.03-0.04, and even the best linear map (from the oracle's own posterior means)
-    ~0.16: the nonlinear components and the interaction carry most of the retrievable signal."""
+    Their calibration (oracle against linear models at signal=1.0) is in README.md."""
 
     n_factors: int = 8  # K, dimensions of the genetic factor z
     n_odd_factors: int = 4  # z[:4] reach the brain linearly/monotonically, z[4:] only through even functions
@@ -191,6 +205,7 @@ class _Model:
     nuisance_maps: np.ndarray  # (n_nuisance, V)
     mean_map: np.ndarray  # (V,)
     blur: list  # per spatial axis (n, n) blur matrix; structured noise = blur-along-axes(white)
+    confound_maps: np.ndarray | None = None  # (4 + n_sites, V) covariate maps, built on first use
 
     @property
     def n_latent(self) -> int:  # L: z, u, w, ancestry, batch
@@ -288,18 +303,16 @@ def _build_model(config: SynthConfig, spec: GeneratorSpec) -> _Model:
 
     raw = _softplus_moments(spec)
     latent_shape = tuple(int(s) for s in config.latent_shape)
-    blur = [_blur_matrix(n, spec.smooth_width) for n in latent_shape[1:]]
-    whiten = _Whitener(latent_shape, blur, spec)
+    blur = [blur_matrix(n, spec.smooth_width) for n in latent_shape[1:]]
+    whiten = Whitener(latent_shape, blur, spec)
     M = len(kinds)
-    maps = np.stack([_blob_map(brng, latent_shape, spec) for _ in range(M)]) if M else np.zeros((0, whiten.V))
-    nuisance = np.stack([_blob_map(brng, latent_shape, spec) for _ in range(spec.n_nuisance)])
+    maps = np.stack([blob_map(brng, latent_shape, spec) for _ in range(M)]) if M else np.zeros((0, whiten.V))
+    nuisance = np.stack([blob_map(brng, latent_shape, spec) for _ in range(spec.n_nuisance)])
     # Scale each map so its coefficient, estimated alone by GLS from one latent, has variance
     # `projection_noise`: the brain-side SNR then does not depend on latent_shape.
     for arr in (maps, nuisance):
-        for m in range(len(arr)):
-            info = float(np.sum(whiten(arr[m][None]) ** 2))
-            arr[m] *= 1.0 / math.sqrt(info * spec.projection_noise)
-    mean_map = _blob_map(brng, latent_shape, spec)
+        _scale_maps(arr, whiten, spec)
+    mean_map = blob_map(brng, latent_shape, spec)
     mean_map = mean_map / max(float(np.std(mean_map)), 1e-12) + brng.normal(0, 0.5, latent_shape[0]).repeat(
         whiten.V // latent_shape[0]
     )
@@ -308,6 +321,14 @@ def _build_model(config: SynthConfig, spec: GeneratorSpec) -> _Model:
         interaction=pair, kinds=kinds, vectors=vectors, threshold_norm=raw, maps=maps, nuisance_maps=nuisance,
         mean_map=mean_map, blur=blur,
     )
+
+
+def _scale_maps(arr: np.ndarray, whiten: "Whitener", spec: GeneratorSpec) -> None:
+    """In place: each map (row) scaled so its coefficient, estimated alone by GLS from one latent,
+    has variance `projection_noise`."""
+    for m in range(len(arr)):
+        info = float(np.sum(whiten(arr[m][None]) ** 2))
+        arr[m] *= 1.0 / math.sqrt(info * spec.projection_noise)
 
 
 def _gene_params(model: _Model, j: int) -> _GeneParams:
@@ -346,58 +367,6 @@ def _softplus_moments(spec: GeneratorSpec) -> tuple[float, float]:
     return mean, float(math.sqrt(weights @ (g - mean) ** 2))
 
 
-def _blur_matrix(n: int, width: float) -> np.ndarray:
-    """(n, n) Gaussian blur, rows of unit norm, so blurred unit white noise has unit variance."""
-    pos = np.arange(n)
-    k = np.exp(-((pos[:, None] - pos[None, :]) ** 2) / (2.0 * width**2))
-    return k / np.linalg.norm(k, axis=1, keepdims=True)
-
-
-def _blob_map(rng: np.random.Generator, latent_shape: tuple, spec: GeneratorSpec) -> np.ndarray:
-    """(V,) sum of Gaussian blobs, an independent set per channel (axis 0)."""
-    grid = latent_shape[1:]
-    coords = np.stack(np.meshgrid(*[np.arange(n) for n in grid], indexing="ij"), axis=-1).reshape(-1, len(grid))
-    channels = []
-    for _ in range(latent_shape[0]):
-        centres = rng.uniform(0, 1, (spec.blobs_per_channel, len(grid))) * (np.asarray(grid) - 1)
-        amps = rng.standard_normal(spec.blobs_per_channel)
-        d2 = ((coords[None, :, :] - centres[:, None, :]) ** 2).sum(-1)  # (blobs, voxels)
-        channels.append(amps @ np.exp(-d2 / (2.0 * spec.blob_width**2)))
-    return np.concatenate(channels)
-
-
-def _apply_axes(x: np.ndarray, mats: list, latent_shape: tuple) -> np.ndarray:
-    """x (n, V) -> each spatial axis a (latent axes 1..) multiplied by mats[a]:
-    y[.., i, ..] = sum_j mats[a][i, j] x[.., j, ..]. Keeps x's float dtype."""
-    dims = (x.shape[0], *latent_shape)
-    y = x
-    for axis, mat in enumerate(mats, start=2):
-        before, after = int(np.prod(dims[:axis])), int(np.prod(dims[axis + 1 :]))
-        y = np.matmul(mat.astype(x.dtype), y.reshape(before, dims[axis], after))  # (before, n_axis, after)
-    return y.reshape(x.shape[0], -1)
-
-
-class _Whitener:
-    """Whitens brain noise: cov = smooth_sd^2 * (blur blur^T along every spatial axis) + white_sd^2 * I,
-    diagonal in the Kronecker eigenbasis of the per-axis blur covariances."""
-
-    def __init__(self, latent_shape: tuple, blur: list, spec: GeneratorSpec):
-        self.latent_shape = latent_shape
-        self.V = int(np.prod(latent_shape))
-        self.bases, eig = [], np.ones(latent_shape[1:])
-        for axis, k in enumerate(blur):
-            values, vectors = np.linalg.eigh(k @ k.T)
-            self.bases.append(vectors.T)  # rotate into the eigenbasis
-            shape = [1] * len(blur)
-            shape[axis] = len(values)
-            eig = eig * np.clip(values, 0.0, None).reshape(shape)
-        var = spec.smooth_sd**2 * eig + spec.white_sd**2  # (grid,)
-        self.inv_sd = np.broadcast_to(1.0 / np.sqrt(var), latent_shape).reshape(-1)
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return _apply_axes(np.asarray(x, dtype=np.float64), self.bases, self.latent_shape) * self.inv_sd
-
-
 # ------------------------------------------------------------------------------- subject draws
 @dataclass
 class _Subjects:
@@ -408,6 +377,8 @@ class _Subjects:
     nuisance: np.ndarray  # (N, n_nuisance)
     missing_latent: np.ndarray  # subject indices without a latent file
     missing_row: dict  # subject index -> gene index whose CSV lacks the subject's row
+    families: list = field(default_factory=list)  # arrays of sibling subject indices
+    covariates: confounds.Covariates | None = None
 
 
 def _draw_subjects(model: _Model) -> _Subjects:
@@ -424,11 +395,34 @@ def _draw_subjects(model: _Model) -> _Subjects:
     perm = rng.permutation(N)
     which_gene = rng.integers(0, cfg.genes, size=n_row_missing)
     rows = perm[n_latent_missing : n_latent_missing + n_row_missing]
-    return _Subjects(
+    subjects = _Subjects(
         iid=iid, latent=latent, brain_factors=independent if cfg.null else latent[:, : K + 2], env=env,
         nuisance=nuisance, missing_latent=np.sort(perm[:n_latent_missing]),
         missing_row={int(s): int(g) for s, g in zip(rows, which_gene)},
     )
+    if cfg.families > 0:
+        _make_families(model, subjects)
+    if cfg.confounds:
+        ancestry = latent[:, K + 2 : K + 2 + spec.n_ancestry]
+        subjects.covariates = confounds.draw_covariates(_rng(cfg.seed, _CONFOUNDS), CONFOUND_SPEC, ancestry,
+                                                        subjects.families)
+    return subjects
+
+
+def _make_families(model: _Model, subjects: _Subjects) -> None:
+    """Put `families` of the subjects in sibling groups and correlate their draws in place: genetic
+    factors (and the null brain's own copy) by half, ancestry almost fully, part of the non-genetic
+    brain variation. Marginals are unchanged, so the oracle's per-pair scores stay exact."""
+    cfg, spec, K, c = model.config, model.spec, model.spec.n_factors, CONFOUND_SPEC
+    rng = _rng(cfg.seed, _FAMILIES)
+    subjects.families = confounds.draw_families(rng, cfg.subjects, cfg.families, c)
+    share = functools.partial(confounds.share_within_families, rng, families=subjects.families)
+    share(subjects.latent[:, : K + 2], share=c.genetic_sharing)
+    share(subjects.latent[:, K + 2 : K + 2 + spec.n_ancestry], share=c.ancestry_sharing)
+    if cfg.null:
+        share(subjects.brain_factors, share=c.genetic_sharing)
+    share(subjects.env, share=c.shared_environment, sd=math.sqrt(spec.env_var))
+    share(subjects.nuisance, share=c.shared_environment, sd=spec.nuisance_sd)
 
 
 def _components(model: _Model, mean: np.ndarray, cov: np.ndarray | None = None) -> np.ndarray:
@@ -470,6 +464,11 @@ def _gene_values(model: _Model, subjects: _Subjects, j: int) -> np.ndarray:
     h = rng.standard_normal((model.config.subjects, p.lowrank.shape[1]))
     noise = rng.standard_normal((model.config.subjects, D), dtype=np.float32)
     x = subjects.latent @ p.loadings.T + h @ p.lowrank.T  # (N, D)
+    if subjects.covariates is not None:
+        factors = confounds.gene_confound_factors(subjects.covariates)  # (N, extra ancestry + sex)
+        x += factors @ confounds.gene_confound_loadings(
+            _rng(model.config.seed, _CONFOUND_PARAMS, j), CONFOUND_SPEC, D, factors.shape[1] - 1,
+            x_linked=model.gene_names[j] in confounds.X_LINKED).T
     x += math.sqrt(model.spec.iso_var) * noise
     x *= p.scale
     x += p.mean
@@ -487,76 +486,26 @@ def _brain_values(model: _Model, subjects: _Subjects, chunk: int) -> tuple[np.nd
     white = rng.standard_normal((len(rows), V), dtype=np.float32)
     coefficients = np.concatenate([_signal_coefficients(model, subjects, rows), subjects.nuisance[rows]], axis=1)
     maps = np.concatenate([model.maps, model.nuisance_maps]).astype(np.float32)  # (M + n_nuisance, V)
-    neuro = _apply_axes(smooth, model.blur, tuple(model.config.latent_shape))  # (n, V) float32 throughout
+    neuro = apply_axes(smooth, model.blur, tuple(model.config.latent_shape))  # (n, V) float32 throughout
     neuro *= np.float32(spec.smooth_sd)
     neuro += np.float32(spec.white_sd) * white
     neuro += coefficients.astype(np.float32) @ maps
+    if subjects.covariates is not None:
+        design = confounds.brain_design(subjects.covariates, CONFOUND_SPEC)[rows]  # (n, 4 + n_sites)
+        neuro += (design @ _confound_maps(model)).astype(np.float32)
     neuro += model.mean_map.astype(np.float32)
     return rows, neuro
 
 
-# ------------------------------------------------------------------------------------ CSV writer
-def _text_tables(decimals: int) -> tuple[np.ndarray, np.ndarray]:
-    """uint64 lookup tables whose 8 bytes spell text, zero bytes as padding (dropped at the end).
-
-    prefix[neg * 100 + integer_part] = "-12." ; fraction[f] = "01234," (decimals digits + ',')."""
-    prefix = np.zeros((200, 8), np.uint8)
-    for neg in (0, 1):
-        for ip in range(100):
-            text = ("-" if neg else "") + f"{ip}."
-            prefix[neg * 100 + ip, : len(text)] = np.frombuffer(text.encode(), np.uint8)
-    scale = 10**decimals
-    frac = np.zeros((scale, 8), np.uint8)
-    digits = np.arange(scale)
-    for p in range(decimals):
-        frac[:, decimals - 1 - p] = 48 + (digits // 10**p) % 10
-    frac[:, decimals] = ord(",")
-    return prefix.view(np.uint64).ravel(), frac.view(np.uint64).ravel()
-
-
-def _iid_tokens(iid: np.ndarray) -> np.ndarray:
-    """(n,) uint64 whose bytes spell the 7-digit IID followed by ','."""
-    tok = np.zeros((len(iid), 8), np.uint8)
-    for p in range(7):
-        tok[:, 6 - p] = 48 + (iid // 10**p) % 10
-    tok[:, 7] = ord(",")
-    return tok.view(np.uint64).ravel()
-
-
-def quantize(values: np.ndarray, decimals: int) -> np.ndarray:
-    """The float32 a CSV reader gets back from what `write_gene_csv` writes for `values`."""
-    n = np.rint(np.asarray(values, dtype=np.float64) * 10**decimals)
-    return (n / 10**decimals).astype(np.float32)
-
-
-def write_gene_csv(path: Path, iid: np.ndarray, values: np.ndarray, decimals: int) -> None:
-    """Write `IID,emb_0..emb_{D-1}` rows with `decimals` fixed decimals, vectorised: each value is two
-    table look-ups (sign + integer part, fraction) into a uint64 buffer whose zero padding bytes are
-    then deleted (bytes.translate). |values| must be < 99 (the generator's values are O(1))."""
-    values = np.asarray(values, dtype=np.float64)
-    n_rows, D = values.shape
-    assert 1 <= decimals <= 6 and (n_rows == 0 or np.abs(values).max() < 99.0), "value out of the writer's range"
-    prefix_table, frac_table = _text_tables(decimals)
-    tokens = _iid_tokens(np.asarray(iid, dtype=np.int64))
-    scale = 10**decimals
-    header = (DEFAULT_IID_COLUMN + "," + ",".join(f"emb_{d}" for d in range(D)) + "\n").encode()
-    chunk = 256  # rows per block: keeps the byte buffer in cache
-    buffer = np.empty((chunk, 1 + 2 * D), np.uint64)  # IID token, then (prefix, fraction) per value
-    with open(path, "wb") as fh:
-        fh.write(header)
-        for lo in range(0, n_rows, chunk):
-            block = values[lo : lo + chunk]
-            m = len(block)
-            q = np.rint(block * scale).astype(np.int64)  # (m, D)
-            mag = np.abs(q)
-            whole = mag // scale
-            rows = buffer[:m]
-            rows[:, 0] = tokens[lo : lo + m]
-            np.take(prefix_table, whole + (q < 0) * 100, out=rows[:, 1::2])
-            np.take(frac_table, mag - whole * scale, out=rows[:, 2::2])
-            text = rows.view(np.uint8).reshape(m, -1)
-            text[:, -8 + decimals] = 10  # the last value ends its line with '\n' instead of ','
-            fh.write(rows.tobytes().translate(None, b"\x00"))
+def _confound_maps(model: _Model) -> np.ndarray:
+    """(4 + n_sites, V) maps of the covariates in the brain, scaled like the nuisance maps."""
+    if model.confound_maps is None:
+        shape = tuple(model.config.latent_shape)
+        rng = _rng(model.config.seed, _CONFOUND_MAPS)
+        maps = np.stack([blob_map(rng, shape, model.spec) for _ in range(4 + CONFOUND_SPEC.n_sites)])
+        _scale_maps(maps, Whitener(shape, model.blur, model.spec), model.spec)
+        model.confound_maps = maps
+    return model.confound_maps
 
 
 # --------------------------------------------------------------------------------------- writing
@@ -581,6 +530,8 @@ def _validate(config: SynthConfig) -> None:
         value = getattr(config, name)
         if not 0.0 <= value < 1.0:
             raise bad(f"{name}={value}; expected a fraction in [0, 1).")
+    if not 0.0 <= float(config.families) < 1.0:
+        raise bad(f"families={config.families}; expected the fraction of subjects in families, in [0, 1).")
     if config.missing_latent_frac + config.missing_gene_row_frac >= 1.0:
         raise bad("missing_latent_frac + missing_gene_row_frac must be < 1 (some subjects must be complete).")
 
@@ -592,6 +543,7 @@ def _normalised(config: SynthConfig) -> SynthConfig:
         seed=int(config.seed), signal=float(config.signal), null=bool(config.null),
         missing_latent_frac=float(config.missing_latent_frac),
         missing_gene_row_frac=float(config.missing_gene_row_frac), shuffle_rows=bool(config.shuffle_rows),
+        confounds=bool(config.confounds), families=float(config.families),
     )
 
 
@@ -634,11 +586,14 @@ def _n_workers(config: SynthConfig) -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
-def synthesize(config: SynthConfig) -> SynthResult:
+def synthesize(config: SynthConfig, overwrite: bool = False) -> SynthResult:
     """Generate a cohort (see the module docstring) and write it under `config.out_dir`.
 
+    The folder must be missing, empty, or hold only synth's own earlier output (listed in its
+    marker, `pipeline.synth_output.MARKER_NAME`); any other file is a GenealignError naming it and is
+    never touched. Earlier output made with other settings is replaced only with `overwrite`.
     gene_embeddings/ and brain_latent/ are each written to a temporary sibling and renamed into
-    place, replacing a previous cohort's folder whole (no stale files); truth.json is written last.
+    place (no stale files); truth.json is written last, then the marker.
     truth.json holds the config, the generator spec, the gene list, the causal genes and their
     strengths, the factors each carries, the interaction pair, the brain components, and which IIDs
     lack a latent file or a row in one gene's CSV. Big parameters (loadings, maps) are not stored:
@@ -648,12 +603,40 @@ def synthesize(config: SynthConfig) -> SynthResult:
     spec = GeneratorSpec()
     start = time.perf_counter()
     out = config.out_dir
+    settings = settings_record(config)
+    earlier = claim_folder(out, settings, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     model = _build_model(config, spec)
     subjects = _draw_subjects(model)
     gene_dir, latent_dir = out / "gene_embeddings", out / "brain_latent"
+    missing = set(subjects.missing_latent.tolist())
+    files = [f"gene_embeddings/{gene_file_name(g)}" for g in model.gene_names]
+    files += [f"brain_latent/{latent_file_name(str(iid))}" for s, iid in enumerate(subjects.iid) if s not in missing]
+    files.append(TRUTH_NAME)
+    files += [name for name, wanted in ((confounds.COVARIATES_NAME, config.confounds),
+                                        (confounds.KINSHIP_NAME, config.families > 0)) if wanted]
+    # Everything this run may leave behind is listed before it is written, so an interrupted run's
+    # files are still recognised as synth's own.
+    write_marker(out, settings, [*earlier, *files], complete=False)
     # A folder without truth.json is an unfinished cohort: drop the old truth before touching the data.
     (out / TRUTH_NAME).unlink(missing_ok=True)
+    _write_data(config, spec, gene_dir, latent_dir)
+    if config.confounds:
+        confounds.write_covariates(out / confounds.COVARIATES_NAME, subjects.iid, subjects.covariates)
+    if config.families > 0:
+        confounds.write_kinship(out / confounds.KINSHIP_NAME, _rng(config.seed, _KINSHIP), subjects.iid,
+                                subjects.families)
+    truth_path = atomic_write_json(out / TRUTH_NAME, truth_record(model, subjects, CONFOUND_SPEC))
+    remove_own(out, earlier, keep=files)
+    write_marker(out, settings, files, complete=True)
+    return SynthResult(
+        out_dir=out, gene_embedding_dir=gene_dir, brain_latent_dir=latent_dir, truth_path=truth_path,
+        n_subjects=config.subjects, n_genes=config.genes, seconds=time.perf_counter() - start,
+    )
+
+
+def _write_data(config: SynthConfig, spec: GeneratorSpec, gene_dir: Path, latent_dir: Path) -> None:
+    """Write gene_embeddings/ and brain_latent/ into temporary siblings, then rename them into place."""
     tmp_genes, tmp_latents = temp_dir_for(gene_dir), temp_dir_for(latent_dir)
     try:
         n_chunks = -(-config.subjects // BRAIN_CHUNK)
@@ -676,59 +659,6 @@ def synthesize(config: SynthConfig) -> SynthResult:
         shutil.rmtree(tmp_genes, ignore_errors=True)
         shutil.rmtree(tmp_latents, ignore_errors=True)
         raise
-    truth_path = atomic_write_json(out / TRUTH_NAME, _truth(model, subjects))
-    return SynthResult(
-        out_dir=out, gene_embedding_dir=gene_dir, brain_latent_dir=latent_dir, truth_path=truth_path,
-        n_subjects=config.subjects, n_genes=config.genes, seconds=time.perf_counter() - start,
-    )
-
-
-def _truth(model: _Model, subjects: _Subjects) -> dict:
-    cfg, spec = model.config, model.spec
-    names = model.gene_names
-    planted = {names[j]: s for j, s in sorted(model.causal.items(), key=lambda kv: -kv[1])}
-    no_signal = cfg.null or cfg.signal == 0
-    components = []
-    for m, (kind, (v1, v2)) in enumerate(zip(model.kinds, model.vectors)):
-        entry = {"index": m, "kind": kind}
-        if kind == "interaction":
-            entry["genes"] = [names[j] for j in model.interaction]
-        else:
-            entry["factors"] = sorted({int(k) for k in np.flatnonzero(np.abs(v1) + np.abs(v2) > 1e-12)})
-        components.append(entry)
-    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if k != "out_dir"}
-    return {
-        "generator": GENERATOR,
-        "generator_version": GENERATOR_VERSION,
-        "config": config,
-        "spec": asdict(spec),
-        "gene_names": list(names),
-        "null": cfg.null,
-        "signal": cfg.signal,
-        # Genes with a main effect on the brain, strongest first ({} when nothing reaches the brain).
-        "causal_genes": {} if no_signal else planted,
-        # The same genes' planted structure, also in a null cohort (their embeddings are identical).
-        "planted_genes": planted,
-        "gene_factors": {names[j]: model.gene_factors[j] for j in model.causal},
-        "interaction": (
-            {"genes": [names[j] for j in model.interaction], "factors": ["u", "w"], "component": len(model.kinds) - 1,
-             "strength": spec.interaction_amplitude, "active": not no_signal}
-            if model.interaction else None
-        ),
-        "noise_genes": [n for j, n in enumerate(names) if j not in model.causal and j not in model.interaction],
-        "brain_components": components,
-        "n_subjects": cfg.subjects,
-        "n_complete": cfg.subjects - len(subjects.missing_latent) - len(subjects.missing_row),
-        "missing_latent": sorted(str(subjects.iid[s]) for s in subjects.missing_latent),
-        "missing_gene_row": dict(sorted((str(subjects.iid[s]), names[g]) for s, g in subjects.missing_row.items())),
-        "csv_decimals": spec.decimals,
-        "notes": {
-            "strength": "a causal gene's loading scale; alone it gives ~strength^2 * spec.gene_precision "
-                        "of precision on each factor of z it carries (gene_factors)",
-            "interaction": "gene a carries only u, gene b only w; the brain component is u * w",
-            "oracle": "pipeline.synth.oracle_embeddings rebuilds every parameter from config + spec",
-        },
-    }
 
 
 # ----------------------------------------------------------------------------------------- truth
@@ -759,194 +689,3 @@ def causal_genes(truth: dict) -> dict[str, float]:
     """Genes with a main effect on the brain -> strength (1.0 = strongest), strongest first.
     Empty for a null cohort. The interaction pair is in truth['interaction'] (no main effect)."""
     return dict(truth["causal_genes"])
-
-
-def strongest_gene(truth: dict) -> str:
-    """The planted gene that alone tells the most about the brain: the largest `gene_information`
-    (ties: the larger strength). Not simply the largest strength: a gene whose factors reach the
-    brain only through products and squares carries little that one gene can retrieve (in the default
-    cohort DLG4, strength 1.0, carries factors 0, 4, 5 and 1.9 nats; DBH, strength 0.67, carries the
-    monotonically acting 1, 2, 3 and 2.6 nats, and its oracle top-1 out of 1,000 alone is 0.057
-    against DLG4's 0.037). In a null cohort, the gene that would be strongest under the signal model (its
-    embedding carries the same structure; nothing reaches the brain), so null and signal runs can be
-    compared gene for gene."""
-    planted = truth["planted_genes"]
-    information = gene_information(truth)
-    return max(planted, key=lambda g: (information[g], planted[g]))
-
-
-def gene_information(truth: dict) -> dict[str, float]:
-    """Planted gene -> what its embedding alone tells about the brain: the mutual information, in nats
-    per subject, between the oracle's gene-side prediction of the brain components and their observed
-    GLS estimates, under the oracle's Gaussian approximation: 0.5 * (log det marginal - log det
-    predictive). From the truth alone, no data: the generator is linear-Gaussian on the gene side, so
-    the posterior covariance does not depend on the observed values. Scored under the signal model
-    (as the oracle scores a null cohort)."""
-    model = _model_from_truth(truth)
-    _, noise_cov = _observed_coefficients(model, np.zeros((1, int(np.prod(model.config.latent_shape)))))
-    out = {}
-    for name in truth["planted_genes"]:
-        j = model.gene_names.index(name)
-        _, cov = _gene_posterior(model, [j], np.zeros((1, 1, model.config.embedding_dim)))
-        predictive, marginal = _oracle_covariances(model, cov, noise_cov)
-        out[name] = 0.5 * float(np.linalg.slogdet(marginal)[1] - np.linalg.slogdet(predictive)[1])
-    return out
-
-
-def _model_from_truth(truth: dict) -> _Model:
-    cfg = dict(truth["config"])
-    cfg["latent_shape"] = tuple(cfg["latent_shape"])
-    return _build_model(_normalised(SynthConfig(out_dir=Path("."), **cfg)), GeneratorSpec.from_dict(truth["spec"]))
-
-
-# ---------------------------------------------------------------------------------------- oracle
-def _gene_posterior(model: _Model, gene_idx: list, genes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Posterior of the shared latent y = (z, u, w, ancestry, batch) given the observed embeddings of the
-    genes `gene_idx`: (mean (N, L), covariance (L, L)). Exact for the generator's linear-Gaussian
-    gene model (each gene's low-rank + isotropic noise integrated out by Woodbury)."""
-    L, iso = model.n_latent, model.spec.iso_var
-    precision = np.eye(L)
-    projected = np.zeros((genes.shape[0], L))
-    for col, j in enumerate(gene_idx):
-        p = model.gene(j)
-        F, W = p.lowrank, p.loadings  # (D, r), (D, L)
-        # C^-1 W with C = F F^T + iso I (noise of the gene after removing mean and scale)
-        inner = np.linalg.solve(iso * np.eye(F.shape[1]) + F.T @ F, F.T @ W)
-        cinv_w = (W - F @ inner) / iso  # (D, L)
-        precision += W.T @ cinv_w
-        x = (np.asarray(genes[:, col], dtype=np.float64) - p.mean) / p.scale  # (N, D)
-        projected += x @ cinv_w
-    cov = np.linalg.inv(precision)
-    cov = (cov + cov.T) / 2
-    return projected @ cov, cov
-
-
-def _observed_coefficients(model: _Model, neuro: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """GLS estimate of the signal coefficients of each latent: (coefficients (N, M), their noise
-    covariance (M, M)). Nuisance maps are random effects with their known variance; the structured
-    and white noise are whitened exactly."""
-    spec = model.spec
-    whiten = _Whitener(tuple(model.config.latent_shape), model.blur, spec)
-    X = whiten(model.maps).T  # (V, M)
-    Z = whiten(model.nuisance_maps).T  # (V, n_nuisance)
-    # V_tot^-1 = I - Z (Z^T Z + I / tau^2)^-1 Z^T
-    core = np.linalg.inv(Z.T @ Z + np.eye(Z.shape[1]) / spec.nuisance_sd**2)
-    vx = X - Z @ (core @ (Z.T @ X))
-    info = X.T @ vx  # (M, M) = X^T V^-1 X
-    noise_cov = np.linalg.inv(info)
-    gls = vx @ noise_cov  # (V, M)
-    out = np.empty((neuro.shape[0], X.shape[1]))
-    for lo in range(0, neuro.shape[0], 2048):
-        block = np.asarray(neuro[lo : lo + 2048], dtype=np.float64) - model.mean_map
-        out[lo : lo + 2048] = whiten(block) @ gls
-    return out, (noise_cov + noise_cov.T) / 2
-
-
-def oracle_embeddings(truth: dict, gene_names, genes: np.ndarray, neuro: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(gene_side (N, M+2), neuro_side (N, M+2)) float64 with gene_side[i] @ neuro_side[j] = the
-    oracle's log-likelihood ratio log p(c_j | genes_i) - log p(c_j) that gene row i and neuro row j
-    are the same subject (pointwise mutual information; higher = better; Bayes-optimal ranking in
-    both directions under the assumptions below).
-
-    `genes` (N, G', D) holds the embeddings of `gene_names` (any subset of the cohort's genes, any
-    order, float32 or float16-rounded); `neuro` (N, V) the latents flattened in C order.
-
-    What it knows and assumes: the generator's true parameters, rebuilt from the seed in truth.json
-    (gene loadings, noise structure, spatial maps, noise covariance, component functions), and the
-    observed rows only, never the per-subject hidden factors. Gene side: the exact Gaussian
-    posterior of (z, u, w, ancestry, batch) given the present genes, then the exact posterior mean mu_i of
-    each brain component (closed forms; Gauss-Hermite for the threshold). Neuro side: the exact GLS
-    estimate c_j of the component coefficients (noise whitened, nuisance maps as random effects).
-    The one approximation: c | genes ~ N(mu, S) with S the population-average predictive
-    covariance, and c ~ N(0, Sigma) marginally (both from 20,000 seeded Monte-Carlo draws); the true
-    predictive law of the products/squares is not Gaussian and its spread varies by subject, so the
-    oracle is close to, not exactly, the best achievable. Rounding of stored values is ignored (far
-    below the noise). A null cohort is scored under the signal model, which gives ~chance."""
-    model = _model_from_truth(truth)
-    genes = np.asarray(genes)
-    neuro = np.asarray(neuro)
-    names = list(gene_names)
-    if genes.ndim != 3 or genes.shape[1] != len(names) or genes.shape[2] != model.config.embedding_dim:
-        raise GenealignError(
-            f"oracle_embeddings: genes has shape {genes.shape}; expected (N, {len(names)}, "
-            f"{model.config.embedding_dim}) for the {len(names)} gene names given."
-        )
-    V = int(np.prod(model.config.latent_shape))
-    if neuro.ndim != 2 or neuro.shape[1] != V or neuro.shape[0] != genes.shape[0]:
-        raise GenealignError(
-            f"oracle_embeddings: neuro has shape {neuro.shape}; expected ({genes.shape[0]}, {V}) "
-            f"(latents of shape {tuple(model.config.latent_shape)} flattened)."
-        )
-    unknown = [g for g in names if g not in model.gene_names]
-    if unknown:
-        raise GenealignError(
-            f"oracle_embeddings: genes {', '.join(unknown[:5])} are not in this cohort's truth.json; "
-            "use the truth.json of the cohort the store was ingested from."
-        )
-    gene_idx = [model.gene_names.index(g) for g in names]
-    K2 = model.spec.n_factors + 2
-    mean, cov = _gene_posterior(model, gene_idx, genes)
-    mu = model.config.signal * _components(model, mean[:, :K2], cov[:K2, :K2])  # (N, M)
-    observed, noise_cov = _observed_coefficients(model, neuro)  # (N, M), (M, M)
-
-    predictive, marginal = _oracle_covariances(model, cov, noise_cov)
-    pred_inv = np.linalg.inv(predictive)
-    quad = pred_inv - np.linalg.inv(marginal)
-    gene_side = np.concatenate(
-        [mu @ pred_inv, -0.5 * np.einsum("nm,mk,nk->n", mu, pred_inv, mu)[:, None], np.ones((len(mu), 1))], axis=1
-    )
-    neuro_side = np.concatenate(
-        [observed, np.ones((len(observed), 1)), -0.5 * np.einsum("nm,mk,nk->n", observed, quad, observed)[:, None]],
-        axis=1,
-    )
-    return gene_side, neuro_side
-
-
-def _oracle_covariances(model: _Model, cov: np.ndarray, noise_cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(predictive, marginal) (M, M) covariances of the observed coefficients, given the gene
-    posterior covariance `cov` (L, L) and the GLS noise covariance (M, M), by seeded Monte Carlo:
-    y_hat ~ N(0, I - P) is what the posterior mean looks like, y = y_hat + N(0, P) the truth."""
-    K2 = model.spec.n_factors + 2
-    post_cov = cov[:K2, :K2]
-    rng = _rng(model.config.seed, _ORACLE_MC)
-    n_mc = 20_000
-    spread = _sqrt_psd(np.eye(K2) - post_cov)
-    residual = _sqrt_psd(post_cov)
-    y_hat = rng.standard_normal((n_mc, K2)) @ spread.T
-    y = y_hat + rng.standard_normal((n_mc, K2)) @ residual.T
-    f_true = _components(model, y)
-    f_pred = _components(model, y_hat, post_cov)
-    s2 = model.config.signal**2
-    M = model.n_components
-    base = model.spec.env_var * np.eye(M) + noise_cov
-    predictive = s2 * np.cov(f_true - f_pred, rowvar=False).reshape(M, M) + base
-    marginal = s2 * np.cov(f_true, rowvar=False).reshape(M, M) + base
-    return predictive, marginal
-
-
-def _sqrt_psd(a: np.ndarray) -> np.ndarray:
-    values, vectors = np.linalg.eigh((a + a.T) / 2)
-    return vectors * np.sqrt(np.clip(values, 0.0, None))
-
-
-def oracle_retrieval(truth: dict, gene_names, genes: np.ndarray, neuro: np.ndarray, pool: int = 1000,
-                     seed: int = 0) -> dict:
-    """The oracle's top-1 retrieval on one random pool of min(pool, N) subjects, both directions.
-    Ties count as misses (the true match must score strictly highest)."""
-    n = genes.shape[0]
-    size = min(int(pool), n)
-    rows = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
-    gene_side, neuro_side = oracle_embeddings(truth, gene_names, np.asarray(genes)[rows], np.asarray(neuro)[rows])
-    score = gene_side @ neuro_side.T  # (pool, pool): row = gene query, column = neuro candidate
-    diag = np.diag(score)
-    off = score.copy()
-    np.fill_diagonal(off, -np.inf)
-    g2b = float(np.mean(diag > off.max(axis=1)))
-    b2g = float(np.mean(diag > off.max(axis=0)))
-    return {
-        "pool_size": size,
-        "gene_to_brain_top1": g2b,
-        "brain_to_gene_top1": b2g,
-        "mean_top1": (g2b + b2g) / 2,
-        "chance_top1": 1.0 / size,
-    }

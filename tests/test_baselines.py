@@ -1,4 +1,5 @@
-"""PCA+CCA / PCA+PLS baselines: train-only fitting, a real linear signal found, a null cohort at chance."""
+"""Linear baselines (PCA+CCA, PCA+PLS, reduced-rank ridge, regularised CCA): train-only fitting, a real
+linear signal found, a null cohort at chance, hyperparameters chosen on val."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alignment.baselines import BaselineConfig, fit_baselines, read_batches, row_batches
+from alignment.baselines import BASELINES, BaselineConfig, fit_baselines, read_batches, row_batches, val_score
 from alignment.metrics import rank_pass, summarize_ranks, top1_permutation_test
 from pipeline import GenealignError, write_store
 
@@ -40,9 +41,12 @@ def null_store(tmp_path_factory):
     return open_store(make_store(tmp_path_factory.mktemp("null") / "n.zarr", n=1200, null=True))
 
 
-def test_features(store, gene_indices, config=BaselineConfig()):
+SMALL_GRID = BaselineConfig(brain_dims=(4, 8), gene_dims=(4, 8), alphas=(0.1, 1.0), ranks=(2, 4), genes_kept=(1, 2))
+
+
+def test_features(store, gene_indices, config=BaselineConfig(), methods=("cca", "pls")):
     """(method -> (neuro features, gene features)) of the test split, baselines fitted on train."""
-    baselines = fit_baselines(store, store.indices("train"), gene_indices, ("cca", "pls"), config)
+    baselines = fit_baselines(store, store.indices("train"), gene_indices, methods, config)
     test = store.indices("test")
     neuro, genes = store.read_rows(test)
     genes = genes[:, gene_indices]
@@ -80,7 +84,8 @@ def test_single_gene_baseline_sees_only_its_gene(signal_store):
 
 
 def test_null_cohort_is_at_chance(null_store):
-    _, features = test_features(null_store, [0, 1, 2])
+    _, features = test_features(null_store, [0, 1, 2], SMALL_GRID, BASELINES)
+    assert set(features) == set(BASELINES)
     n_test = len(null_store.indices("test"))
     for name, (neuro_f, gene_f) in features.items():
         result = rank_pass(neuro_f, gene_f)
@@ -105,6 +110,9 @@ def test_fit_uses_only_train_rows(signal_store, tmp_path):
     assert np.allclose(a.frontend.neuro_mean, b.frontend.neuro_mean)
     assert np.allclose(a.frontend.joint_components, b.frontend.joint_components)
     assert np.allclose(a.methods["cca"].train_correlations, b.methods["cca"].train_correlations)
+    for name in ("rrr", "rcca_screened"):  # val rows (hyperparameters) and train rows are unchanged
+        assert a.methods[name].chosen == b.methods[name].chosen
+        assert np.allclose(a.methods[name].gene_map, b.methods[name].gene_map)
 
 
 def test_fit_subsample_and_dims(signal_store):
@@ -130,3 +138,40 @@ def test_read_batches_cover_rows_once_in_order(signal_store):
 def test_unknown_baseline_is_a_clear_error(signal_store):
     with pytest.raises(GenealignError, match="Unknown baseline"):
         fit_baselines(signal_store, signal_store.indices("train"), [0], ("ridge",))
+
+
+def test_val_score_matches_a_brute_force_ranking():
+    rng = np.random.default_rng(3)
+    neuro_f, gene_f = rng.normal(size=(30, 5)), rng.normal(size=(30, 5))
+    gene_f[:10] = neuro_f[:10] + 0.1 * gene_f[:10]  # some easy matches
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    sims = unit(neuro_f) @ unit(gene_f).T
+    top1, mrr = [], []
+    for s in (sims, sims.T):
+        ranks = np.array([1 + int(np.sum(s[i] > s[i, i])) for i in range(30)])
+        top1.append(np.mean(ranks == 1))
+        mrr.append(np.mean(1.0 / ranks))
+    assert val_score(neuro_f, gene_f) == pytest.approx((np.mean(top1), np.mean(mrr)))
+
+
+def test_regression_baselines_find_the_signal_and_record_their_choices(signal_store):
+    methods = ("rrr", "rrr_screened", "rcca", "rcca_screened")
+    baselines, features = test_features(signal_store, [0, 1, 2], SMALL_GRID, methods)
+    n_test = len(signal_store.indices("test"))
+    for name in methods:
+        result = rank_pass(*features[name])
+        assert summarize_ranks(result.ranks, n_test)["top1"] > 10 / n_test, name
+        chosen = baselines.methods[name].chosen
+        assert {"alpha", "rank", "brain_dim", "per_gene_dim", "genes_kept", "val_top1", "val_mrr"} <= set(chosen)
+        assert chosen["alpha"] in SMALL_GRID.alphas and chosen["rank"] <= 4 and chosen["brain_dim"] <= 8
+    # G1 carries the signal: the per-gene screening ranks it first.
+    for name in ("rrr_screened", "rcca_screened"):
+        assert baselines.methods[name].chosen["screened_genes"][0] == "G1"
+    assert baselines.strongest() in methods
+    assert baselines.methods["rrr"].describe()["n_components"] == baselines.methods["rrr"].chosen["rank"]
+
+
+def test_one_gene_skips_the_screened_variants_with_a_note(signal_store):
+    baselines = fit_baselines(signal_store, signal_store.indices("train"), [1], ("cca", "rrr", "rrr_screened"), SMALL_GRID)
+    assert set(baselines.methods) == {"cca", "rrr"} and "Screened" in baselines.notes[0]
+    assert "val_top1" in baselines.methods["cca"].chosen  # every method is scored on val for the report

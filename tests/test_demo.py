@@ -17,7 +17,7 @@ def tiny_demo(tmp_path, **kw) -> DemoConfig:
                                    transformer_num_heads=2, neuro_pca_dim=8, gene_pca_dim=4, gene_projection="per_gene"),
         single_train=dict(batch_size=32, num_epochs=2, learning_rate=3e-3),
         sequence_train=dict(batch_size=32, num_epochs=2, learning_rate=3e-3),
-        pool_sizes=("50", "all"), draws=5, bootstrap=50, permutations=50, device="cpu", **kw,
+        pool_sizes=("50", "all"), draws=5, bootstrap=50, permutations=50, device="cpu", explain_repeats=1, **kw,
     )
 
 
@@ -33,6 +33,9 @@ def test_demo_end_to_end_and_reuse(tmp_path):
     assert any(name.startswith("single-gene") for name in names) and "sequence (transformer)" in names
     assert names[-1].lower().startswith("chance")
     assert result.pool_size == result.n_test > 50  # no pool of 1,000 here: the headline is the whole split
+    assert "Strongest baseline (best on the val split)" in text and "Top 12 genes, sweep" in text
+    assert "Top 12 genes, explain" in text and "causal genes" in text
+    assert (out / "sweep" / "sweep.csv").exists() and (out / "explain_sequence" / "importance.csv").exists()
     # every evaluation wrote its machine-readable figures
     for path in out.glob("eval_*/metrics.json"):
         metrics = json.loads(path.read_text())

@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 import torch
 
+from alignment.baselines import BASELINES
 from alignment.evaluate import EvalConfig, evaluate, resolve_pools
 from alignment.metrics import val_retrieval
 from alignment.model import ModelConfig, MultiGeneAlignmentModel
 from alignment.train import build_model
 from pipeline import GenealignError, open_store, write_store
 from pipeline.ingest import IngestConfig, ingest
-from pipeline.synth import SynthConfig, load_truth, strongest_gene, synthesize
+from pipeline.oracle import strongest_gene
+from pipeline.synth import SynthConfig, load_truth, synthesize
 
 FAST = dict(pool_sizes=("40", "100000", "all"), draws=4, bootstrap=100, permutations=100, device="cpu")
 
@@ -82,7 +84,8 @@ def test_sequence_mode_end_to_end(cohort, sequence_eval):
     assert metrics["split"] == "test" and metrics["n_subjects"] == n and metrics["mode"] == "sequence"
     assert metrics["pool_sizes"] == [40, n] and metrics["pool_keys"] == ["40", "all"]
     assert any("100,000 skipped" in note for note in metrics["notes"])
-    assert metrics["methods_order"] == ["model", "cca", "pls", "oracle", "chance"]
+    assert metrics["methods_order"] == ["model", *BASELINES, "oracle", "chance"]
+    assert metrics["strongest_baseline"] in BASELINES
     for method in metrics["methods_order"]:
         figures = metrics["methods"][method]
         for direction in ("neuro_to_gene", "gene_to_neuro"):
@@ -116,13 +119,14 @@ def test_sequence_mode_end_to_end(cohort, sequence_eval):
 
     report = (out / "report.md").read_text()
     for needle in ("N = ", "top-1 out of", "chance", "PCA+CCA", "PCA+PLS", "oracle", "neuro→gene", "gene→neuro",
-                   "bootstrap", "permutation", "Cohen's d", "draws"):
+                   "bootstrap", "permutation", "Cohen's d", "draws", "Strongest baseline (best on the val split)",
+                   "(strongest on val)"):
         assert needle in report, needle
     for name in ("topk_curves.png", "rank_histogram.png", "similarity.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob(".*.tmp"))  # atomic writes left no temp files
     rows = result.headline
-    assert [r["method"] for r in rows] == ["model", "cca", "pls", "oracle", "chance"]
+    assert [r["method"] for r in rows] == ["model", *BASELINES, "oracle", "chance"]
     assert rows[0]["pool_size"] == n  # no pool of 1000 here: the headline is the whole split
     assert rows[-1]["top1_neuro_to_gene"] == pytest.approx(1 / n)
 

@@ -81,10 +81,11 @@ def source_values(gdir: Path, gene: str, iid_column="IID") -> dict[str, np.ndarr
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """7 subjects per chunk, so tiny cohorts span several chunks and a partial last one; scratch
-    blocks of 2 gene rows / 1 latent, so O_DIRECT reads straddle blocks."""
+    """7 subjects per chunk, so tiny cohorts span several chunks and a partial last one; a copy task
+    per chunk, and a separate scratch read for every gap in the wanted rows."""
     monkeypatch.setattr(store_module, "chunk_rows_for", lambda row_bytes, **_: 7)
-    monkeypatch.setattr(ingest_module, "SCRATCH_BLOCK_BYTES", 40)
+    monkeypatch.setattr(ingest_module, "COPY_TASK_BYTES", 1)
+    monkeypatch.setattr(ingest_module, "GAP_ROWS", 0)
 
 
 # ---------------------------------------------------------------------------------------- round trip
@@ -106,61 +107,6 @@ def test_round_trip_float32_matches_source_files(tmp_path, small_chunks, workers
     for row, iid in enumerate(view.iid):
         np.testing.assert_array_equal(neuro[row], np.load(ldir / f"{iid}_latent.npz")["latent"])
     assert np.array_equal(view.split, store_module.assign_split(view.iid))
-
-
-@pytest.mark.parametrize("workers", [1, 2])
-def test_direct_io_and_page_cache_write_the_same_store(tmp_path, monkeypatch, workers):
-    """Rows wide enough for O_DIRECT (800-byte gene rows, 1,260-byte latents: neither a multiple of
-    512, so reads straddle alignment and files end in a buffered tail), scratch blocks of ~10 rows,
-    tables cut as the copy goes, chunks of 7 and a dropped subject: with and without direct I/O the
-    store equals the sources."""
-    from pipeline.direct_io import probe_alignment
-
-    monkeypatch.setattr(store_module, "chunk_rows_for", lambda row_bytes, **_: 7)
-    monkeypatch.setattr(ingest_module, "SCRATCH_BLOCK_BYTES", 8 << 10)
-    # tables cut every 100 bytes: direct reads then meet ends of file that are not aligned
-    monkeypatch.setattr(ingest_module, "TRUNCATE_STEP", 100)
-    iids = iids_of(45)
-    gdir, ldir = tmp_path / "genes", tmp_path / "latents"
-    rng = np.random.default_rng(3)
-    for g, gene in enumerate(("APOE", "BDNF")):
-        kept = iids if g == 0 else iids[:20] + iids[21:]  # subject 20 lacks a BDNF row
-        write_gene_csv(gdir, gene, kept, rng.normal(size=(len(kept), 200)).astype(np.float32), seed=g)
-    for i, iid in enumerate(iids):
-        write_latent(ldir, iid, rng.normal(size=(5, 7, 9)).astype(np.float32))
-    opened_direct = []
-    real_open = os.open
-
-    def spying_open(path, flags, *args, **kwargs):
-        if flags & getattr(os, "O_DIRECT", 0):
-            opened_direct.append(path)
-        return real_open(path, flags, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", spying_open)
-    cuts = []
-    real_truncate = os.truncate
-    monkeypatch.setattr(os, "truncate", lambda path, size: cuts.append(size) or real_truncate(path, size))
-
-    stores = {}
-    for direct_io in (True, False):
-        opened_direct.clear()
-        cuts.clear()
-        store = tmp_path / f"s{direct_io}.zarr"
-        result = ingest(config(gdir, ldir, store, workers=workers, direct_io=direct_io))
-        assert result.n_kept == 44 and result.dropped == [(iids[20], "missing from gene BDNF")]
-        assert len(cuts) >= 3 and any(size % 512 for size in cuts)  # every table cut, at unaligned ends
-        if workers == 1:  # threads of this process: the patched open sees every file
-            assert bool(opened_direct) == (direct_io and probe_alignment(tmp_path) > 0)
-        view = open_store(store)
-        stores[direct_io] = (np.asarray(view.neuro[:]), np.asarray(view.genes[:]))
-    np.testing.assert_array_equal(stores[True][0], stores[False][0])
-    np.testing.assert_array_equal(stores[True][1], stores[False][1])
-    view = open_store(tmp_path / "sTrue.zarr")
-    for g, gene in enumerate(view.gene_names):
-        reference = source_values(gdir, gene)
-        np.testing.assert_array_equal(stores[True][1][:, g, :], np.stack([reference[i] for i in view.iid]))
-    for row, iid in enumerate(view.iid):
-        np.testing.assert_array_equal(stores[True][0][row], np.load(ldir / f"{iid}_latent.npz")["latent"])
 
 
 def test_float16_within_rounding(tmp_path):
@@ -204,42 +150,20 @@ def test_leading_zero_iids_stay_distinct(tmp_path):
         )
 
 
-def test_iid_keys_compare_and_sort_like_the_text():
-    """The plan's integer keys, brute force: distinct IIDs get distinct keys, keys sort like the text
-    and give the text back; over 8 characters or not ASCII: no keys (the plan compares text)."""
-    rng = np.random.default_rng(0)
-    alphabet = np.array(list("0123456789-_aZ\x00"))
-    for _ in range(500):
-        texts = ["".join(rng.choice(alphabet, size=rng.integers(1, 9))).rstrip("\x00") or "0" for _ in range(25)]
-        iids = np.array(texts, dtype=str)
-        keys = ingest_module._iid_keys(iids)
-        assert keys is not None and keys.dtype == np.uint64
-        assert len(set(keys.tolist())) == len(set(texts))
-        np.testing.assert_array_equal(iids[np.argsort(keys, kind="stable")], iids[np.argsort(iids, kind="stable")])
-        np.testing.assert_array_equal(ingest_module._iid_text(keys), iids)
-    for text in ("123456789", "sujet-é", "12\u00a0"):
-        assert ingest_module._iid_keys(np.array(["1000001", text])) is None
-
-
-def test_keyed_and_text_plans_give_the_same_store(tmp_path, small_chunks, monkeypatch):
+def test_text_join_with_gaps_extras_and_leading_zeros(tmp_path, small_chunks):
     iids = iids_of(30) + ["0012345", "12345", "012345"]
     gdir, ldir = write_cohort(tmp_path, iids)
     (ldir / f"{iids[3]}_latent.npz").unlink()  # no latent
     write_gene_csv(gdir, "BDNF", [i for i in iids if i != iids[5]] + ["9999999"], seed=1)  # one missing, one extra
-    texts = []
-    real_text = ingest_module._iid_text
-    monkeypatch.setattr(ingest_module, "_iid_text", lambda keys: texts.append(len(keys)) or real_text(keys))
-    keyed = ingest(config(gdir, ldir, tmp_path / "keyed.zarr"))
-    assert texts == [len(iids) + 1]  # the keyed plan ran
-    monkeypatch.setattr(ingest_module, "_iid_keys", lambda iids: None)
-    text = ingest(config(gdir, ldir, tmp_path / "text.zarr"))
-    assert texts == [len(iids) + 1]  # the text plan ran
-    assert keyed.dropped == text.dropped
-    assert sorted(keyed.dropped) == sorted([(iids[3], "no latent"), (iids[5], "missing from gene BDNF"), ("9999999", "no latent")])
-    a, b = open_store(tmp_path / "keyed.zarr"), open_store(tmp_path / "text.zarr")
-    assert a.iid.tolist() == b.iid.tolist() == sorted(set(iids) - {iids[3], iids[5]})
-    np.testing.assert_array_equal(np.asarray(a.genes[:]), np.asarray(b.genes[:]))
-    np.testing.assert_array_equal(np.asarray(a.neuro[:]), np.asarray(b.neuro[:]))
+    result = ingest(config(gdir, ldir, tmp_path / "s.zarr"))
+    assert sorted(result.dropped) == sorted([(iids[3], "no latent"), (iids[5], "missing from gene BDNF"),
+                                             ("9999999", "no latent")])
+    view = open_store(tmp_path / "s.zarr")
+    assert view.iid.tolist() == sorted(set(iids) - {iids[3], iids[5]})
+    genes = np.asarray(view.genes[:])
+    for g, gene in enumerate(view.gene_names):
+        reference = source_values(gdir, gene)
+        np.testing.assert_array_equal(genes[:, g, :], np.stack([reference[i] for i in view.iid]))
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -384,10 +308,11 @@ def test_gene_not_found_suggests_close_matches(tmp_path):
     with pytest.raises(GeneNotFoundError) as info:
         ingest(config(gdir, ldir, tmp_path / "s.zarr", genes=("APOE", "APOF")))
     message = str(info.value)
-    assert "Gene 'APOF' not found" in message and "Close matches: APOE" in message
-    assert "get_all_gene_names" in message and "genealign info" in message
+    assert "Gene 'APOF' not found" in message and "Did you mean APOE?" in message
+    assert "Available genes: APOE, BDNF, COMT" in message and f"`ls {gdir.resolve()}`" in message
+    assert "get_all_gene_names" not in message and "pipeline." not in message
     assert isinstance(info.value, ValueError)  # the seed raised ValueError
-    with pytest.raises(GeneNotFoundError, match="Close matches: BDNF"):
+    with pytest.raises(GeneNotFoundError, match="Did you mean BDNF"):
         ingest(config(gdir, ldir, tmp_path / "s.zarr", genes=("bdnf",)))
     assert not (tmp_path / "s.zarr").exists()
 
@@ -492,17 +417,22 @@ def _partials(tmp_path: Path) -> list[str]:
 
 
 def test_failure_mid_copy_keeps_previous_store(tmp_path, small_chunks, monkeypatch):
+    import zarr
+
     gdir, ldir = write_cohort(tmp_path, iids_of(30))
     ingest(config(gdir, ldir, tmp_path / "s.zarr"))
     before = np.asarray(open_store(tmp_path / "s.zarr").genes[:])
+    real_setitem, writes = zarr.Array.__setitem__, []
 
-    real_copy = ingest_module._copy_chunks
+    def write_then_fail(array, selection, value):
+        if array.ndim < 2:  # iid, gene_names, split
+            return real_setitem(array, selection, value)
+        writes.append(selection)
+        if len(writes) > 2:
+            raise OSError("disk on fire")
+        real_setitem(array, selection, value)
 
-    def copy_then_fail(task):
-        real_copy(ingest_module._CopyTask(**{**task.__dict__, "stop_chunk": task.first_chunk + 1}))
-        raise OSError("disk on fire")
-
-    monkeypatch.setattr(ingest_module, "_copy_chunks", copy_then_fail)
+    monkeypatch.setattr(zarr.Array, "__setitem__", write_then_fail)
     gdir, ldir = write_cohort(tmp_path, iids_of(40))
     with pytest.raises(OSError, match="disk on fire"):
         ingest(config(gdir, ldir, tmp_path / "s.zarr", overwrite=True))
@@ -510,77 +440,6 @@ def test_failure_mid_copy_keeps_previous_store(tmp_path, small_chunks, monkeypat
     assert view.n_subjects == 30
     np.testing.assert_array_equal(np.asarray(view.genes[:]), before)
     assert _partials(tmp_path) == []  # temp store and scratch removed
-
-
-class _LazyFuture:
-    def __init__(self, fn, args) -> None:
-        self.call, self.done, self.value = (lambda: fn(*args)), False, None
-
-    def result(self):
-        if not self.done:
-            self.value, self.done = self.call(), True
-        return self.value
-
-    def cancel(self) -> bool:
-        return not self.done
-
-
-class _LazyExecutor:
-    """Runs each task when its result is first asked for: the copy's tasks then run one by one, in order."""
-
-    def __init__(self, max_workers: int) -> None:
-        pass
-
-    def submit(self, fn, *args) -> _LazyFuture:
-        return _LazyFuture(fn, args)
-
-    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
-        pass
-
-
-def test_scratch_shrinks_as_the_store_is_written(tmp_path, small_chunks, monkeypatch):
-    iids = iids_of(40)
-    gdir, ldir = write_cohort(tmp_path, iids)
-    monkeypatch.setattr(ingest_module, "ThreadPoolExecutor", _LazyExecutor)
-    monkeypatch.setattr(ingest_module, "COPY_TASK_CHUNKS", 1)
-    monkeypatch.setattr(ingest_module, "TRUNCATE_STEP", 1)  # cut at every row (2 MiB steps in real use)
-    real_copy, seen = ingest_module._copy_chunks, []
-
-    def sizing_copy(task):
-        assert task.neuro_files is not None and task.genes_files is not None  # the store's chunks as files
-        tables = {p.name: p.stat().st_size for p in task.positions_file.parent.glob("*.bin")}
-        seen.append((task.first_chunk, tables))
-        real_copy(task)
-
-    monkeypatch.setattr(ingest_module, "_copy_chunks", sizing_copy)
-    ingest(config(gdir, ldir, tmp_path / "s.zarr"))
-    latent_row, gene_row = int(np.prod(SHAPE)) * 4, DIM * 4  # float32
-    # Chunks of 7 subjects copied last first: before chunk k, every table ends with the row of the
-    # last subject of chunk k (no drops here: row i of a table = subject i).
-    assert [k for k, _ in seen] == [5, 4, 3, 2, 1, 0]
-    first_tables = seen[0][1]
-    assert sorted(first_tables) == ["gene00000.bin", "gene00001.bin", "gene00002.bin", "latent000.bin"]
-    assert first_tables["latent000.bin"] == 40 * latent_row
-    for name in ("gene00000.bin", "gene00001.bin", "gene00002.bin"):  # the values, then the 40 sorted IIDs
-        assert first_tables[name] == 40 * gene_row + 40 * 7 * 4
-    for k, tables in seen[1:]:
-        rows = 7 * (k + 1)
-        assert tables == {"latent000.bin": rows * latent_row, **{f"gene0000{g}.bin": rows * gene_row for g in range(3)}}
-    np.testing.assert_array_equal(open_store(tmp_path / "s.zarr").iid, sorted(iids))
-
-
-def test_scratch_tables_are_cut_in_aligned_steps(tmp_path, monkeypatch):
-    # A cut inside a page-cache folio zeroes the rest of it: cuts land on multiples of the step, and
-    # only once they free a whole step.
-    monkeypatch.setattr(ingest_module, "TRUNCATE_STEP", 64)
-    table = ingest_module._RowTable.create(tmp_path / "t.bin", width=10, dtype="uint8", align=0)
-    (tmp_path / "t.bin").write_bytes(bytes(range(100)) * 10)  # 100 rows of 10 bytes
-    sizes = []
-    for row, size in [(50, 1000), (47, 512), (40, 512)]:
-        sizes.append(table.truncate_after(row, size))
-        assert (tmp_path / "t.bin").stat().st_size == sizes[-1]
-    assert sizes == [512, 512, 448]  # row 50 ends at 510 -> 512; row 47 (480 -> 512) frees nothing
-    assert (tmp_path / "t.bin").read_bytes() == (bytes(range(100)) * 10)[:448]
 
 
 def test_killed_ingest_leaves_previous_store_readable(tmp_path, small_chunks):
@@ -592,15 +451,17 @@ def test_killed_ingest_leaves_previous_store_readable(tmp_path, small_chunks):
         f"""
         import time
         from pathlib import Path
+        import zarr
         import pipeline.ingest as m
         import pipeline.store as s
         s.chunk_rows_for = lambda row_bytes, **_: 7
-        real = m._copy_chunks
-        def slow(task):
-            real(m._CopyTask(**{{**task.__dict__, "stop_chunk": task.first_chunk + 1}}))
-            Path({str(started)!r}).write_text("x")
-            time.sleep(60)
-        m._copy_chunks = slow
+        real = zarr.Array.__setitem__
+        def slow(array, selection, value):
+            real(array, selection, value)
+            if array.ndim > 1:
+                Path({str(started)!r}).write_text("x")
+                time.sleep(60)
+        zarr.Array.__setitem__ = slow
         m.ingest(m.IngestConfig({str(gdir)!r}, {str(ldir)!r}, {str(tmp_path / 's.zarr')!r}, overwrite=True))
         """
     )
@@ -611,6 +472,9 @@ def test_killed_ingest_leaves_previous_store_readable(tmp_path, small_chunks):
             time.sleep(0.05)
         assert started.exists(), "the child never reached the copy"
         assert any(p.endswith(".partial") for p in _partials(tmp_path))  # a half-written store exists...
+        # ...which another ingest leaves alone while its run holds it
+        assert ingest(config(gdir, ldir, tmp_path / "other.zarr")).n_kept == 45
+        assert any(p.endswith(".partial") for p in _partials(tmp_path))
     finally:
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
@@ -680,7 +544,7 @@ def test_store_summary_and_attrs(tmp_path):
     assert summary["subjects"] == 20 and sum(summary["split"].values()) == 20
     assert summary["gene_names"] == ["APOE", "BDNF", "COMT"] and summary["latent_shape"] == list(SHAPE)
     assert summary["dtype"] == "float32" and summary["compression"] == "none"
-    assert summary["dropped_by_reason"] == {"in no gene CSV": 1} and summary["dropped"] == 1
+    assert summary["dropped_by_kind"] == {"in no gene CSV": "1 subject"} and summary["dropped"] == 1
     assert summary["sources"]["gene_embedding_dir"] == str(gdir.resolve())
     assert summary["chunks"]["genes"] == [view.chunk_rows, 3, DIM]
     assert summary["size_on_disk"].endswith("B") and summary["created"]
@@ -722,74 +586,66 @@ def test_float16_overflow_is_an_error(tmp_path):
         ingest(config(gdir, ldir, tmp_path / "s.zarr", dtype="float16"))
 
 
-@pytest.mark.parametrize("direct_io", [True, False])
-def test_chunk_writer_matches_zarr_for_plain_and_compressed_arrays(tmp_path, direct_io):
-    """Chunks written as raw files must read back through zarr exactly, the padded last one too;
-    with O_DIRECT too (chunks of 4 x 3 x 40 float32 = 1,920 bytes: an aligned prefix and a tail)."""
-    import zarr
-    from zarr.codecs import BloscCodec
-
-    from pipeline.direct_io import probe_alignment
-
-    align = probe_alignment(tmp_path) if direct_io else 0
-    group = zarr.open_group(str(tmp_path / "w.zarr"), mode="w", zarr_format=3)
-    data = np.arange(10 * 3 * 40, dtype=np.float32).reshape(10, 3, 40) - 7.5
-    flat, nested = {"name": "default", "separator": "."}, {"name": "default", "separator": "/"}
-    for name, dtype, compressors, keys, as_files in (
-        ("plain32", "float32", None, flat, True),  # the store's layout: written as files
-        ("plain16", "float16", None, flat, True),
-        ("nested", "float32", None, nested, False),  # chunk files in directories: through zarr
-        ("blosc", "float32", BloscCodec(cname="lz4"), flat, False),
-    ):
-        array = group.create_array(name, shape=data.shape, dtype=dtype, chunks=(4, 3, 40), compressors=compressors,
-                                   chunk_key_encoding=keys)
-        files = ingest_module._chunk_files(array, range(3), align)
-        assert (files is not None) == as_files
-        write = files.write if files is not None else ingest_module._zarr_chunk_writer(array)
-        for chunk in range(3):
-            write(chunk, data[chunk * 4:(chunk + 1) * 4].astype(dtype))
-        reread = zarr.open_group(str(tmp_path / "w.zarr"), mode="r")[name][:]
-        np.testing.assert_array_equal(reread, data.astype(dtype))
 
 
-def test_plain_npz_fast_path_reads_what_np_load_reads_and_declines_the_rest(tmp_path):
-    from pipeline.ingest import _read_plain_npz
+# ------------------------------------------------------------------------------ CLI: ingest and info
+def _cli(*args, **env):
+    from typer.testing import CliRunner
 
-    rng = np.random.default_rng(0)
-    cases = {
-        "float32": dict(latent=rng.normal(size=(2, 3, 4)).astype(np.float32)),
-        "float16": dict(latent=rng.normal(size=(5,)).astype(np.float16)),
-        "int16": dict(latent=rng.integers(-9, 9, size=(3, 3)).astype(np.int16)),
-        "big_endian": dict(latent=rng.normal(size=(4, 2)).astype(">f4")),
-        "other_name": dict(brain=rng.normal(size=(3,)).astype(np.float32)),
-    }
-    for name, arrays in cases.items():
-        path = tmp_path / f"{name}.npz"
-        np.savez(path, **arrays)
-        (key, expected), = arrays.items()
-        got = _read_plain_npz(path, None)
-        assert got is not None and got.dtype == expected.dtype and np.array_equal(got, expected), name
-        assert np.array_equal(_read_plain_npz(path, key), expected)
-        assert _read_plain_npz(path, "something_else") is None  # np.load explains the missing key
+    from alignment.cli import app
 
-    declined = {
-        "compressed": lambda p: np.savez_compressed(p, latent=np.ones(3, np.float32)),
-        "two_arrays": lambda p: np.savez(p, latent=np.ones(3, np.float32), extra=np.ones(2)),
-        "fortran": lambda p: np.savez(p, latent=np.asfortranarray(np.ones((3, 4), np.float32))),
-        "bare_npy": lambda p: np.save(open(p, "wb"), np.ones(3, np.float32)),
-        "object": lambda p: np.savez(p, latent=np.array([{"a": 1}], dtype=object)),
-    }
-    for name, write in declined.items():
-        path = tmp_path / f"{name}.npz"
-        write(path)
-        assert _read_plain_npz(path, None) is None, name
+    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "80", **env})
 
-    # damaged: a flipped value byte fails the CRC (np.load then reports it), a cut file is declined
-    path = tmp_path / "damaged.npz"
-    np.savez(path, latent=np.zeros(64, np.float32))
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-    assert _read_plain_npz(path, None) is None
-    path.write_bytes(bytes(data[: len(data) // 2]))
-    assert _read_plain_npz(path, None) is None
+
+def test_info_folds_drops_by_kind_with_thousands_separators_at_80_columns(tmp_path):
+    iids = iids_of(1005)
+    gdir, ldir = tmp_path / "genes", tmp_path / "latents"
+    write_gene_csv(gdir, "APOE", iids)
+    write_gene_csv(gdir, "BDNF", iids[:-3], seed=1)  # 3 subjects missing from BDNF
+    write_gene_csv(gdir, "COMT", iids[:-3] + iids[-2:], seed=2)  # one of them also missing here: BDNF comes first
+    write_gene_csv(gdir, "DRD2", [i for i in iids if i != iids[0]], seed=3)  # 1 missing from DRD2 only
+    for i, iid in enumerate(iids):
+        write_latent(ldir, iid, seed=i)
+    store = tmp_path / "s.zarr"
+    result = _cli("ingest", "--gene-embedding-dir", gdir, "--brain-latent-dir", ldir, "--store", store, "--workers", "1")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "1,005" in text and "1,001" in text  # latent files found, kept
+    info = _cli("info", "--store", store)
+    assert info.exit_code == 0, info.output
+    assert "…" not in info.output and max(len(line) for line in info.output.splitlines()) <= 80, info.output
+    text = " ".join(info.output.split())
+    assert "missing from a gene CSV: 4 subjects across 2 genes" in text
+    assert "1,001" in text and "1,005" in text
+    assert "missing from gene BDNF" not in text  # the per-gene list stays in ingest_report.json
+    assert "ingest_report.json" in text
+    report = json.loads((store / "ingest_report.json").read_text())
+    assert report["dropped_by_reason"] == {"missing from gene BDNF": 3, "missing from gene DRD2": 1}
+
+
+def test_unknown_gene_on_the_command_line_names_close_matches_not_python(tmp_path):
+    gdir, ldir = write_cohort(tmp_path, iids_of(3))
+    result = _cli("ingest", "--gene-embedding-dir", gdir, "--brain-latent-dir", ldir, "--store", tmp_path / "s.zarr",
+                  "--genes", "APOE,BDFN")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    text = " ".join(result.output.split())
+    assert "Gene 'BDFN' not found" in text and "Did you mean BDNF?" in text
+    assert "Available genes: APOE, BDNF, COMT" in text and "`ls " in text
+    assert "get_all_gene_names" not in text and "pipeline." not in text
+
+
+def test_reuse_message_mentions_overwrite_only_where_the_command_has_it(tmp_path):
+    from alignment import cli
+
+    gdir, ldir = write_cohort(tmp_path, iids_of(4))
+    args = ("ingest", "--gene-embedding-dir", gdir, "--brain-latent-dir", ldir, "--store", tmp_path / "s.zarr")
+    assert _cli(*args).exit_code == 0
+    again = _cli(*args)
+    text = " ".join(again.output.split())
+    assert again.exit_code == 0 and "up to date" in text and "--overwrite" in text
+    reused = ingest(config(gdir, ldir, tmp_path / "s.zarr"))
+    assert reused.reused
+    with cli.console.capture() as captured:
+        cli._print_ingest(reused, rebuild_hint=False)  # as `genealign train --gene_embedding_dir ...` calls it
+    text = " ".join(captured.get().split())
+    assert "up to date" in text and "--overwrite" not in text

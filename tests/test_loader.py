@@ -1,4 +1,4 @@
-"""BatchLoader order/sharding/values, read_tensors and feature_stats on tiny stores."""
+"""BatchLoader order/sharding/values and read_tensors on tiny stores."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.errors import GenealignError
-from pipeline.loader import BatchLoader, LoaderConfig, block_shuffle, feature_stats, read_tensors, shard_batches
+from pipeline.loader import BatchLoader, LoaderConfig, block_shuffle, read_tensors, shard_batches
 from pipeline.store import write_store
 
 N, LATENT, G, D = 203, (2, 3, 4), 4, 6
@@ -186,29 +186,3 @@ def test_read_tensors(store):
     np.testing.assert_array_equal(genes.numpy(), want_genes)
     _, one_gene = read_tensors(store, rows, "cpu", gene_index=1)
     np.testing.assert_array_equal(one_gene.numpy(), want_genes[:, 1])
-
-
-def test_feature_stats_matches_numpy(tmp_path):
-    rng = np.random.default_rng(1)
-    n = 157
-    # A large offset with a small spread (where sum/sum-of-squares in float32 would fail) and a
-    # constant feature (std must be floored, not 0).
-    neuro = (1e3 + rng.normal(size=(n, *LATENT)) * rng.uniform(0.1, 3, size=LATENT)).astype(np.float32)
-    neuro[:, 0, 0, 0] = 5.0
-    genes = rng.normal(loc=2.0, size=(n, G, D)).astype(np.float32)
-    st = write_store(tmp_path / "s.zarr", [f"S{i:04d}" for i in range(n)], neuro, genes, list("ABCD"), chunk_rows=9)
-    rows = st.indices("train")
-    stats = feature_stats(st, rows)
-    all_neuro, all_genes = st.read_rows(rows)
-    all_neuro, all_genes = all_neuro.astype(np.float64), all_genes.astype(np.float64)
-    assert stats.neuro_mean.dtype == np.float32 and stats.gene_std.shape == (G, D)
-    np.testing.assert_allclose(stats.neuro_mean, all_neuro.mean(0), rtol=1e-6)
-    np.testing.assert_allclose(stats.neuro_std[1:], all_neuro.std(0)[1:], rtol=1e-5)
-    np.testing.assert_allclose(stats.gene_mean, all_genes.mean(0), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(stats.gene_std, all_genes.std(0), rtol=1e-5)
-    assert 0 < stats.neuro_std[0] < 1e-3  # the constant feature's floor
-
-
-def test_feature_stats_needs_rows(store):
-    with pytest.raises(GenealignError, match="at least one row"):
-        feature_stats(store, [])

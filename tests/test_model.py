@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from alignment import ModelConfig, MultiGeneAlignmentModel
+from alignment.model import fit_dims
 from pipeline.errors import GenealignError
 
 V, D, G, P = 24, 10, 5, 8
@@ -225,10 +227,11 @@ def test_from_checkpoint_errors_name_the_file(tmp_path):
         MultiGeneAlignmentModel.from_checkpoint(bare)
 
 
-def test_seed_inference_example_loads_a_pca_checkpoint(tmp_path):
+@pytest.mark.parametrize("projection", ["shared", "per_gene"])
+def test_seed_inference_example_loads_a_pca_checkpoint(tmp_path, projection):
     """The seed's example: construct with the seed's arguments (no front-end arguments), then
     load_state_dict(checkpoint['model_state_dict']) of a model trained with PCA."""
-    trained, neuro, genes = fitted(seq_model(neuro_pca_dim=6, gene_pca_dim=4, dropout=0.1))
+    trained, neuro, genes = fitted(seq_model(neuro_pca_dim=6, gene_pca_dim=4, dropout=0.1, gene_projection=projection))
     path = tmp_path / "best_model.pt"
     torch.save(checkpoint_payload(trained), path)
 
@@ -237,10 +240,11 @@ def test_seed_inference_example_loads_a_pca_checkpoint(tmp_path):
         projection_dim=P, use_transformer=True,
         transformer_hidden_dim=16, transformer_num_layers=2, transformer_num_heads=4,
     )
-    checkpoint = torch.load(path, weights_only=True)
-    model.load_state_dict(checkpoint["model_state_dict"])
+    checkpoint = torch.load(path)
+    model.load_state_dict(checkpoint['model_state_dict'])
     model.eval()
     assert model.config.neuro_pca_dim == 6 and model.config.gene_pca_dim == 4
+    assert model.config.gene_projection == projection
     with torch.no_grad():
         neuro_feat = model.encode_neuro(neuro[:1])  # (1, P)
         gene_feat = model.encode_gene(genes[:1])  # (1, P)
@@ -326,6 +330,8 @@ def test_seed_defaults():
     assert (cfg.neuro_input_dim, cfg.gene_input_dim, cfg.num_genes, cfg.projection_dim) == (12150, 256, 111, 512)
     assert (cfg.transformer_hidden_dim, cfg.transformer_num_layers, cfg.transformer_num_heads) == (512, 4, 8)
     assert cfg.transformer_pooling == "mean" and cfg.dropout == 0.1 and cfg.logit_scale_init == 2.6592
+    assert cfg.neuro_hidden_dim is None and cfg.loss == "clip" and (cfg.neuro_pca_dim, cfg.gene_pca_dim) == (0, 0)
+    assert cfg.gene_projection == "shared" and cfg.mode == "single" and not cfg.use_transformer
     layer = seq_model().gene_encoder.transformer.layers[0]
     assert not layer.norm_first and layer.linear1.out_features == 4 * 16 and layer.self_attn.batch_first
 
@@ -341,3 +347,58 @@ def test_encoders_run_under_bf16_autocast_with_a_float32_frontend():
     assert torch.isfinite(feats).all()
     with torch.no_grad():
         assert torch.allclose(feats, model.encode_gene(genes[:4]), atol=0.05)
+
+
+def test_seed_keywords_and_a_config_build_the_same_model():
+    kwargs = dict(neuro_input_dim=V, gene_input_dim=D, num_genes=G, projection_dim=P, use_transformer=True,
+                  transformer_hidden_dim=16, transformer_num_layers=2, transformer_num_heads=4, neuro_pca_dim=3)
+    cfg = ModelConfig.from_kwargs(**kwargs)
+    assert cfg.mode == "sequence" and cfg == ModelConfig(mode="sequence", **kwargs)
+    torch.manual_seed(0)
+    a = MultiGeneAlignmentModel(**kwargs)
+    torch.manual_seed(0)
+    b = MultiGeneAlignmentModel(cfg)
+    assert a.config == b.config and a.config.use_transformer
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    # mode='sequence' alone selects the transformer too
+    assert MultiGeneAlignmentModel(ModelConfig(**{**kwargs, "use_transformer": False}, mode="sequence")).use_transformer
+
+
+def test_unknown_or_positional_constructor_arguments_are_clear_errors():
+    with pytest.raises(GenealignError, match=r"unknown argument\(s\) hidden_size.*neuro_input_dim"):
+        MultiGeneAlignmentModel(neuro_input_dim=V, hidden_size=4)
+    with pytest.raises(GenealignError, match="keyword"):
+        MultiGeneAlignmentModel(V)
+    with pytest.raises(GenealignError, match="not both"):
+        MultiGeneAlignmentModel(ModelConfig(), projection_dim=4)
+    with pytest.raises(GenealignError, match="mode"):
+        MultiGeneAlignmentModel.from_config(ModelConfig(mode="pairs"))
+
+
+def test_fit_dims_caps_default_widths_to_a_small_cohort():
+    """A (4, 4, 4) latent with 8-wide embeddings: the gpu preset's 256 / 32 PCA widths become 64 / 8."""
+    cfg = ModelConfig(mode="sequence", neuro_pca_dim=256, gene_pca_dim=32)
+    fit = fit_dims(cfg, neuro_input_dim=64, gene_input_dim=8, num_genes=12, n_train=500)
+    assert (fit.neuro_pca_dim, fit.gene_pca_dim) == (64, 8)
+    assert (fit.neuro_input_dim, fit.gene_input_dim, fit.num_genes) == (64, 8, 12)
+    few = fit_dims(cfg, neuro_input_dim=64, gene_input_dim=8, num_genes=12, n_train=40)
+    assert (few.neuro_pca_dim, few.gene_pca_dim) == (39, 8)  # a PCA needs more rows than components
+    tiny = fit_dims(cfg, neuro_input_dim=64, gene_input_dim=8, num_genes=12, n_train=6)
+    assert (tiny.neuro_pca_dim, tiny.gene_pca_dim) == (5, 5)
+    plain = fit_dims(ModelConfig(), neuro_input_dim=64, gene_input_dim=8, num_genes=1, n_train=500)
+    assert (plain.neuro_pca_dim, plain.gene_pca_dim) == (0, 0)
+    model = MultiGeneAlignmentModel.from_config(fit)
+    assert model.neuro_pca.shape == (64, 64) and model.gene_pca.shape == (12, 8, 8)
+
+
+def test_fit_dims_rejects_an_explicit_width_the_data_cannot_support():
+    cfg = ModelConfig(mode="sequence", neuro_pca_dim=256, gene_pca_dim=8)
+    with pytest.raises(GenealignError, match=r"--neuro_pca_dim 256 .*64 values.*at most 64") as err:
+        fit_dims(cfg, neuro_input_dim=64, gene_input_dim=8, num_genes=12, n_train=500, explicit=frozenset({"neuro_pca_dim"}))
+    assert "\n" not in str(err.value)
+    with pytest.raises(GenealignError, match=r"--gene_pca_dim 8 .*train split has 5 subjects.*at most 4"):
+        fit_dims(cfg, neuro_input_dim=64, gene_input_dim=8, num_genes=12, n_train=5,
+                 explicit=frozenset({"gene_pca_dim"}))  # the default neuro width is capped silently
+    ok = fit_dims(replace(cfg, neuro_pca_dim=64), neuro_input_dim=64, gene_input_dim=8, num_genes=12, n_train=500,
+                  explicit=frozenset({"neuro_pca_dim", "gene_pca_dim"}))
+    assert (ok.neuro_pca_dim, ok.gene_pca_dim) == (64, 8)
