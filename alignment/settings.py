@@ -262,6 +262,3 @@ def _extended(run_dir: Path, train: TrainConfig, epochs: int | None, extend: boo
     record = {"from_epochs": train.num_epochs, "to_epochs": epochs, "at_step": step, "lr_at_step": lr0}
     extra = {**extra, "extensions": [*extra.get("extensions", []), record]}
     return replace(train, num_epochs=epochs, lr_restart=restart), extra
-
-
-_fit_batch = fit_batch  # old name, still imported by code in progress

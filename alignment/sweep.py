@@ -45,7 +45,7 @@ from alignment.loss import clip_loss, siglip_loss
 from alignment.metrics import DIRECTIONS, chance_levels, chunk_for, retrieval_ranks, val_retrieval
 from alignment.model import ModelConfig, MultiGeneAlignmentModel
 from alignment.settings import fit_batch, load_config, preset_values
-from alignment.train import TrainConfig, _frontend_rows, build_model, check_config, lr_at
+from alignment.train import TrainConfig, frontend_rows, build_model, check_config, lr_at
 from pipeline import GenealignError, open_store
 from pipeline.atomic import atomic_write, atomic_write_json, atomic_write_text
 from pipeline.loader import shard_batches
@@ -228,7 +228,7 @@ def _load(store, gene_indices, template, train: TrainConfig, device, say) -> _Da
     say(f"Reading {len(rows['train']):,} train / {len(rows['val']):,} val / {len(rows['test']):,} test subjects "
         f"x {len(gene_indices)} genes; fitting the front-ends on the train split")
     neuro, genes = _read(store, rows["train"], gene_indices)
-    fit = np.searchsorted(rows["train"], _frontend_rows(rows["train"], train.frontend_max_rows, train.seed))
+    fit = np.searchsorted(rows["train"], frontend_rows(rows["train"], train.frontend_max_rows, train.seed))
     template.fit_frontend(torch.from_numpy(neuro if len(fit) == len(neuro) else neuro[fit]), torch.from_numpy(genes[fit, 0]))
     # One thread: each gene's (D, D) eigendecomposition is too small to gain from threads, which
     # only add overhead (much more of it when the cores are busy).

@@ -192,7 +192,7 @@ def _init_distributed(device_name: str) -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
-def _frontend_rows(train_rows: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
+def frontend_rows(train_rows: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
     if len(train_rows) <= max_rows:
         return train_rows
     rng = np.random.default_rng(seed)
@@ -262,7 +262,7 @@ def _model_and_data(config: TrainConfig, model_config: ModelConfig, explicit: fr
             "Ingest more subjects or raise the val fraction (genealign ingest --split_fractions)."
         )
     model = build_model(replace(model_config, mode=config.mode), store, gene_names, len(train_rows), explicit)
-    neuro_fit, genes_fit = store.read_rows(_frontend_rows(train_rows, config.frontend_max_rows, config.seed), gene_index)
+    neuro_fit, genes_fit = store.read_rows(frontend_rows(train_rows, config.frontend_max_rows, config.seed), gene_index)
     model.fit_frontend(torch.from_numpy(neuro_fit), torch.from_numpy(genes_fit))
     return store, gene_index, gene_names, model, train_rows, val_rows
 
