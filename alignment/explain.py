@@ -26,7 +26,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -41,7 +40,7 @@ from alignment.evaluate import _checkpoint_meta, checkpoint_file, match_checkpoi
 from alignment.metrics import chance_levels, chunk_for, harmonic, retrieval_ranks
 from alignment.model import MultiGeneAlignmentModel
 from pipeline import GenealignError, open_store
-from pipeline.atomic import atomic_write, atomic_write_json, atomic_write_text
+from pipeline.atomic import atomic_write_csv, atomic_write_json, atomic_write_text
 
 SCHEMA = "genealign-explain/1"
 CSV_NAME = "importance.csv"
@@ -331,7 +330,7 @@ def explain(config: ExplainConfig, progress: Callable[[str], None] | None = None
                "planted": planted or None, "precision": {str(k): v for k, v in (precision or {}).items()} or None,
                "notes": notes}
     say(f"Writing {out_dir}/{CSV_NAME}, {REPORT_NAME}, {IMPORTANCE_PLOT}, {ATTENTION_PLOT}")
-    csv_path = _write_csv(out_dir / CSV_NAME, result_rows)
+    csv_path = atomic_write_csv(out_dir / CSV_NAME, result_rows, CSV_COLUMNS)
     plots = {"importance": plot_importance(result_rows, summary, out_dir / IMPORTANCE_PLOT),
              "attention": plot_attention(attention, names, planted, out_dir / ATTENTION_PLOT)}
     report = atomic_write_text(out_dir / REPORT_NAME, explain_markdown(result_rows, summary, attention, names))
@@ -373,16 +372,6 @@ def _encode_neuro(model, neuro: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------- outputs
-def _write_csv(path: Path, rows: list[dict]) -> Path:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(CSV_COLUMNS), extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-
-    return atomic_write(path, write)
-
-
 def plot_importance(rows: list[dict], summary: dict, path: Path) -> Path:
     """Genes ranked by importance (drop in MRR when shuffled) with 95% intervals; planted genes of a
     synth store ringed; the unshuffled MRR and chance as reference lines in the title."""

@@ -26,7 +26,6 @@ an earlier sweep's; `overwrite` replaces only the files a sweep wrote.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import time
@@ -47,7 +46,7 @@ from alignment.model import ModelConfig, MultiGeneAlignmentModel
 from alignment.settings import fit_batch, load_config, preset_values
 from alignment.train import TrainConfig, frontend_rows, build_model, check_config, lr_at
 from pipeline import GenealignError, open_store
-from pipeline.atomic import atomic_write, atomic_write_json, atomic_write_text
+from pipeline.atomic import atomic_write, atomic_write_csv, atomic_write_json, atomic_write_text
 from pipeline.loader import shard_batches
 from pipeline.synth import causal_genes, load_truth
 
@@ -523,16 +522,6 @@ def truth_precision(rows: list[dict], causal: dict) -> dict[int, float]:
 
 
 # ---------------------------------------------------------------------------------- outputs
-def _write_csv(path: Path, rows: list[dict]) -> Path:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(CSV_COLUMNS), extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-
-    return atomic_write(path, write)
-
-
 def _checkpoint(template, data: _Data, best: _Best, j: int, gene: str, train: TrainConfig, store, out: Path) -> dict:
     """Gene j's best model as `genealign train` would have saved it (config + model_state_dict)."""
     state = {name: value.detach().cpu().clone() for name, value in template.state_dict().items()}
@@ -675,7 +664,7 @@ def sweep(config: SweepConfig, progress: Callable[[str], None] | None = None) ->
     for j, gene in enumerate(names if config.save_models else ()):
         payload = _checkpoint(template, data, best, j, gene, train, store, out_dir / MODELS_DIR / gene)
         paths[gene] = atomic_write(out_dir / models[j], lambda tmp: torch.save(payload, tmp))
-    csv_path = _write_csv(out_dir / CSV_NAME, rows)
+    csv_path = atomic_write_csv(out_dir / CSV_NAME, rows, CSV_COLUMNS)
     plot = plot_sweep(rows, config.fdr, out_dir / PLOT_NAME, causal)
     report = atomic_write_text(out_dir / REPORT_NAME, sweep_markdown(rows, summary, causal, precision, interaction))
     summary["seconds"] = round(time.perf_counter() - started, 2)

@@ -67,6 +67,19 @@ def atomic_write_json(path: str | Path, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def atomic_write_csv(path: str | Path, rows: list[dict], columns) -> Path:
+    """rows (dicts) as CSV with the given columns (extra keys ignored), written atomically."""
+    import csv
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    return atomic_write(path, write)
+
+
 def _backup_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.previous")
 
