@@ -193,6 +193,10 @@ def ingest(
     split_fractions: Annotated[str, opt("split_fractions", "train,val,test fractions; assignment is a hash of the IID.")] = "0.8,0.1,0.1",
     workers: Annotated[int, opt("workers", "Processes parsing the gene CSVs in parallel; 1 = this process, on two threads.")] = 2,
     overwrite: Annotated[bool, opt("overwrite", "Rebuild the store even if it is up to date.")] = False,
+    covariates: Annotated[Optional[Path], opt("covariates", "CSV/TSV of covariates (age, sex, site, PCs...) keyed by the IID column.", panel="Covariates and relatedness")] = None,
+    categorical: Annotated[Optional[str], opt("categorical", "Comma-separated covariate columns to one-hot encode even if numeric (text columns always are).", panel="Covariates and relatedness")] = None,
+    kinship: Annotated[Optional[Path], opt("kinship", "UK Biobank relatedness file (ID1 ID2 HetHet IBS0 Kinship): families stay in one split.", panel="Covariates and relatedness")] = None,
+    kinship_threshold: Annotated[float, opt("kinship_threshold", "Kinship at or above which a pair is related (0.0442: third degree).", panel="Covariates and relatedness")] = 0.0442,
 ) -> None:
     """Ingest the gene CSVs and the npz latents into one subject-aligned Zarr store."""
     from pipeline.ingest import IngestConfig, ingest as run_ingest, parse_gene_list
@@ -202,7 +206,9 @@ def ingest(
             gene_embedding_dir=gene_embedding_dir, brain_latent_dir=brain_latent_dir, store=store,
             iid_column=iid_column, latent_key=latent_key, dtype=dtype,
             genes=parse_gene_list(genes, genes_file), workers=workers, overwrite=overwrite,
-            split_fractions=_fractions(split_fractions),
+            split_fractions=_fractions(split_fractions), covariates=covariates, kinship=kinship,
+            categorical=tuple(c.strip() for c in (categorical or "").split(",") if c.strip()),
+            kinship_threshold=kinship_threshold,
         )
     )
     _print_ingest(result)
@@ -227,6 +233,10 @@ def _print_ingest(result, rebuild_hint: bool = True) -> None:
         f"{tuple(result.latent_shape)}; dropped subjects and reasons in {result.store}/ingest_report.json "
         f"({result.seconds:.1f}s).", markup=False, highlight=False
     )
+    from pipeline.store import relatedness_in_words
+
+    console.print(f"Covariates: {', '.join(result.covariate_names) or 'none'}. Relatedness "
+                  f"{relatedness_in_words(result.relatedness or {})}.", markup=False, highlight=False)
 
 
 def _shown(value) -> str:

@@ -8,7 +8,8 @@ Owns `IngestConfig`, `ingest()` and `IngestResult`; the store layout and `store_
   latent / NaN or inf in latent / latent of wrong shape / no latent / in no gene CSV / missing from
   gene X / NaN or inf in gene X). IIDs are the text in the files, joined as text.
 - Rows are sorted by IID text; the gene axis is sorted gene names, or the order of --genes. The
-  latent shape is the most common one (ties: the first by IID). Splits: `assign_split`.
+  latent shape is the most common one (ties: the first by IID). Splits: `assign_split`, whole
+  families together with --kinship; --covariates adds a covariates array (`pipeline.covariates`).
 - Existing store: same input fingerprints and options -> reused; else an error naming what changed,
   unless --overwrite. A directory that is not a genealign store is never replaced.
 - Atomic: all is written in one held temp dir `.NAME.*.partial` (scratch/, store/), and store/ is
@@ -35,14 +36,15 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.atomic import atomic_write_json, hold, recover_dir, remove_dead_temp_dirs, replace_dir, temp_dir_for
+from pipeline.covariates import DEFAULT_KINSHIP_THRESHOLD, SideFiles, read_side_files
 from pipeline.errors import GenealignError
 from pipeline.sources import (
     DEFAULT_IID_COLUMN, LATENT_FILE_SUFFIX, editor_lines, embedding_width, existing_dir, gene_file_name,
-    gene_names_in, latent_files_in, load_latent, parse_gene_list, read_gene_csv, read_header,
+    gene_names_in, latent_files_in, load_latent, no_pairs_message, parse_gene_list, read_gene_csv, read_header,
 )
 from pipeline.sources import fingerprints as input_fingerprints
 from pipeline.store import (
-    DEFAULT_SPLIT_FRACTIONS, FINGERPRINTS_NAME, REPORT_NAME, SPLIT_CODES, assign_split, base_attrs,
+    DEFAULT_SPLIT_FRACTIONS, FINGERPRINTS_NAME, REPORT_NAME, SPLIT_CODES, base_attrs,
     create_store_arrays, drop_kind, gene_not_found, open_store, read_json, split_fractions_valid, stale_reasons,
     store_attrs, store_summary,
 )
@@ -69,6 +71,10 @@ class IngestConfig:
     workers: int = 1  # processes parsing CSVs; 1 = this process, on THREADS threads
     overwrite: bool = False
     split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS
+    covariates: Path | None = None  # CSV/TSV of covariates keyed by iid_column (pipeline.covariates)
+    categorical: tuple[str, ...] = ()  # covariate columns one-hot encoded even when numeric
+    kinship: Path | None = None  # ukb_rel.dat-style pairs: families are kept in one split
+    kinship_threshold: float = DEFAULT_KINSHIP_THRESHOLD
 
 
 @dataclass
@@ -87,6 +93,8 @@ class IngestResult:
     gene_names: tuple[str, ...] = ()
     dtype: str = "float32"
     split_counts: dict[str, int] = field(default_factory=dict)
+    relatedness: dict = field(default_factory=dict)  # pipeline.covariates.family_split's record
+    covariate_names: tuple[str, ...] = ()
 
     @property
     def dropped_by_kind(self) -> dict[str, int]:
@@ -109,7 +117,9 @@ def ingest(config: IngestConfig) -> IngestResult:
     options = _validated_options(config)
     store = Path(config.store)
     sources = _scan_sources(config)
-    options["gene_names"] = list(sources.gene_names)
+    sources.side = read_side_files(config.covariates, config.categorical, config.iid_column, config.kinship,
+                                   config.kinship_threshold)
+    options.update(sources.side.options(), gene_names=list(sources.gene_names))
     fingerprints = input_fingerprints(sources.gene_dir, sources.latent_dir, sources.gene_paths, sources.latents)
     existing = _existing_store(store, options, fingerprints, config.overwrite)
     if existing is not None:
@@ -120,7 +130,7 @@ def ingest(config: IngestConfig) -> IngestResult:
     lock = hold(work)
     try:
         (work / "scratch").mkdir()
-        plan, split_counts, dropped_by_reason = _build(sources, options, fingerprints, work, int(config.workers))
+        plan, split_counts, dropped_by_reason, extra = _build(sources, options, fingerprints, work, int(config.workers))
         replace_dir(work / "store", store)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -137,12 +147,14 @@ def ingest(config: IngestConfig) -> IngestResult:
         latent_shape=plan.latent_shape, found=plan.found, dropped_by_reason=dropped_by_reason,
         dropped=[(entry["iid"], entry["reason"]) for entry in plan.dropped],
         seconds=time.perf_counter() - started, gene_names=tuple(sources.gene_names), dtype=options["dtype"],
-        split_counts=split_counts,
+        split_counts=split_counts, relatedness=extra["relatedness"],
+        covariate_names=tuple((extra["covariates"] or {}).get("columns", ())),
     )
 
 
 def _build(sources, options: dict, fingerprints: dict, work: Path, workers: int):
-    """Parse into work/scratch, plan, then write work/store whole. Returns (plan, split counts, drops)."""
+    """Parse into work/scratch, plan, then write work/store whole. Returns (plan, split counts, drops,
+    the side files' record)."""
     if workers > 1:
         import multiprocessing
 
@@ -158,7 +170,7 @@ def _build(sources, options: dict, fingerprints: dict, work: Path, workers: int)
     group = create_store_arrays(
         work / "store", plan.n_kept, plan.latent_shape, len(sources.gene_names), sources.width, dtype=options["dtype"]
     )
-    split = assign_split(plan.kept_iids, options["split_fractions"])
+    split, extra = sources.side.write(group, plan.kept_iids, plan.covariate_rows, options["split_fractions"])
     group["iid"][:] = plan.kept_iids
     group["gene_names"][:] = np.asarray(sources.gene_names, dtype=str)
     group["split"][:] = split
@@ -174,15 +186,16 @@ def _build(sources, options: dict, fingerprints: dict, work: Path, workers: int)
         ingest={"options": options, "digest": fingerprints["digest"]},
         counts={"kept": plan.n_kept, "dropped": len(plan.dropped), "found": plan.found, "split": split_counts,
                 "dropped_by_reason": dropped_by_reason},
+        relatedness=extra["relatedness"], covariate_groups=(extra["covariates"] or {}).get("groups", {}),
     )
     group.attrs.update(attrs)
     atomic_write_json(work / "store" / REPORT_NAME, {
         "kept": plan.n_kept, "found": plan.found, "rows_per_gene": plan.rows_per_gene,
-        "dropped_by_reason": dropped_by_reason, "dropped": plan.dropped,
+        "dropped_by_reason": dropped_by_reason, "dropped": plan.dropped, **extra,
     })
     atomic_write_json(work / "store" / FINGERPRINTS_NAME,
                       {"gene_files": fingerprints["gene_files"], "latent_files": fingerprints["latent_files"]})
-    return plan, split_counts, dropped_by_reason
+    return plan, split_counts, dropped_by_reason, extra
 
 
 # --------------------------------------------------------------------------------------------- sources
@@ -196,6 +209,7 @@ class _Sources:
     width: int  # D, the embedding width shared by every gene CSV
     latents: list[tuple[str, int, int]]  # (IID, size, mtime_ns) per latent file, sorted by IID
     latent_iids: np.ndarray  # (L,) str, the same order
+    side: SideFiles = field(default_factory=SideFiles)  # --covariates / --kinship
 
 
 def _validated_options(config: IngestConfig) -> dict:
@@ -250,14 +264,14 @@ def _existing_store(store: Path, options: dict, fingerprints: dict, overwrite: b
             f"Store {store} is out of date ({'; '.join(changes)}); pass --overwrite to rebuild it "
             "(existing subjects keep their split), or choose another --store path."
         )
-    report, counts = read_json(store / REPORT_NAME) or {}, attrs.get("counts", {})
+    report, counts, view = read_json(store / REPORT_NAME) or {}, attrs.get("counts", {}), open_store(store)
     return IngestResult(
         store=store, reused=True, n_kept=int(attrs.get("n_subjects", 0)), n_genes=int(attrs.get("n_genes", 0)),
         latent_shape=tuple(attrs.get("latent_shape", ())), found=dict(report.get("found", counts.get("found", {}))),
         dropped_by_reason=dict(report.get("dropped_by_reason", {})),
         dropped=[(entry["iid"], entry["reason"]) for entry in report.get("dropped", [])], seconds=0.0,
-        gene_names=open_store(store).gene_names, dtype=str(attrs.get("dtype")),
-        split_counts=dict(counts.get("split", {})),
+        gene_names=view.gene_names, dtype=str(attrs.get("dtype")), split_counts=dict(counts.get("split", {})),
+        relatedness=view.relatedness, covariate_names=view.covariate_names,
     )
 
 
@@ -351,6 +365,7 @@ class _Plan:
     latent_shape: tuple[int, ...]
     files: list[Path]  # the latents' scratch file, then one per gene
     positions: Path  # (1 + G, N) int32: row of each kept subject in each of `files`
+    covariate_rows: np.ndarray  # (N,) row of each kept subject in the covariates table (-1: none given)
     dropped: list[dict]
     found: dict[str, int]
     rows_per_gene: dict[str, int]
@@ -398,7 +413,8 @@ def _plan(sources: _Sources, results: list[dict], latents: _Latents, scratch: Pa
     has_latent, latent_index = _sorted_member(sources.latent_iids, universe)
     shape_ok = np.array([shape == latent_shape for shape in latents.shapes], dtype=bool)  # (L,)
     latent_ok = has_latent & shape_ok[latent_index]
-    kept = latent_ok & (n_present == n_genes) & (first_nonfinite < 0)
+    covariate_rows, side_reasons = sources.side.reasons(universe)
+    kept = latent_ok & (n_present == n_genes) & (first_nonfinite < 0) & np.array([r is None for r in side_reasons])
     dropped = []
     for u in np.flatnonzero(~kept).tolist():
         i = int(latent_index[u])
@@ -411,8 +427,10 @@ def _plan(sources: _Sources, results: list[dict], latents: _Latents, scratch: Pa
         elif n_present[u] < n_genes:
             reason = f"missing from gene {sources.gene_names[first_missing[u]]}"
             detail = f"missing from {n_genes - n_present[u]} of {n_genes} genes"
-        else:
+        elif first_nonfinite[u] >= 0:
             reason, detail = f"NaN or inf in gene {sources.gene_names[first_nonfinite[u]]}", ""
+        else:
+            reason, detail = side_reasons[u], ""
         dropped.append({"iid": str(universe[u]), "reason": reason, "detail": detail})
     found = {
         "latent files": int(len(sources.latent_iids)),
@@ -420,8 +438,10 @@ def _plan(sources: _Sources, results: list[dict], latents: _Latents, scratch: Pa
         "IIDs in any gene CSV": int((n_present > 0).sum()),
         "IIDs in every gene CSV": int((n_present == n_genes).sum()),
     }
+    if sources.side.covariates is not None:
+        found["IIDs in covariates file"] = int(len(sources.side.covariates.iids))
     if not kept.any():
-        raise GenealignError(_no_pairs_message(universe, has_latent, n_present, n_genes, dropped, found))
+        raise GenealignError(no_pairs_message(universe, has_latent, n_present, n_genes, dropped, found))
     kept_iids = universe[kept]
     positions = scratch / "positions.i32"
     with open(positions, "wb") as fh:
@@ -431,23 +451,8 @@ def _plan(sources: _Sources, results: list[dict], latents: _Latents, scratch: Pa
             np.searchsorted(np.load(result["iids"]), kept_iids).astype(np.int32).tofile(fh)
     return _Plan(
         kept_iids=kept_iids, latent_shape=latent_shape, files=[latents.files[latent_shape]] + [r["values"] for r in results],
-        positions=positions, dropped=dropped, found=found,
+        positions=positions, covariate_rows=covariate_rows[kept], dropped=dropped, found=found,
         rows_per_gene={name: int(r["n_rows"]) for name, r in zip(sources.gene_names, results)},
-    )
-
-
-def _no_pairs_message(universe, has_latent, n_present, n_genes: int, dropped, found) -> str:
-    gene_side = n_present > 0
-    latent_examples = (universe[has_latent & ~gene_side][:3].tolist() or universe[has_latent][:3].tolist())
-    gene_examples = (universe[gene_side & ~has_latent][:3].tolist() or universe[gene_side][:3].tolist())
-    reasons = Counter(entry["reason"] for entry in dropped).most_common(3)
-    return (
-        f"No paired subjects: none has both a usable latent and a finite row in every selected gene CSV. "
-        f"{found['latent files']} latent files (e.g. {', '.join(latent_examples) or '-'}), "
-        f"{found['IIDs in any gene CSV']} IIDs in the gene CSVs (e.g. {', '.join(gene_examples) or '-'}), "
-        f"{int((has_latent & gene_side).sum())} on both sides, {int((n_present == n_genes).sum())} in every gene "
-        f"CSV; top reasons: {', '.join(f'{r} ({n})' for r, n in reasons)}. IIDs are compared as text (leading "
-        "zeros count): check --iid_column and the latent file names."
     )
 
 

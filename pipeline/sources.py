@@ -15,7 +15,7 @@ import csv
 import hashlib
 import json
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -300,4 +300,20 @@ def _latent_key(keys: list[str], key: str | None, path: Path) -> str:
     raise GenealignError(
         f"{path} holds several arrays ({', '.join(keys)}) and none is named '{DEFAULT_LATENT_KEY}'; pass "
         "--latent_key with the one to use."
+    )
+
+
+def no_pairs_message(universe, has_latent, n_present, n_genes: int, dropped, found) -> str:
+    """The ingest's error when no subject is on both sides: counts, examples of each side's IIDs."""
+    gene_side = n_present > 0
+    latent_examples = (universe[has_latent & ~gene_side][:3].tolist() or universe[has_latent][:3].tolist())
+    gene_examples = (universe[gene_side & ~has_latent][:3].tolist() or universe[gene_side][:3].tolist())
+    reasons = Counter(entry["reason"] for entry in dropped).most_common(3)
+    return (
+        f"No paired subjects: none has both a usable latent and a finite row in every selected gene CSV. "
+        f"{found['latent files']} latent files (e.g. {', '.join(latent_examples) or '-'}), "
+        f"{found['IIDs in any gene CSV']} IIDs in the gene CSVs (e.g. {', '.join(gene_examples) or '-'}), "
+        f"{int((has_latent & gene_side).sum())} on both sides, {int((n_present == n_genes).sum())} in every gene "
+        f"CSV; top reasons: {', '.join(f'{r} ({n})' for r, n in reasons)}. IIDs are compared as text (leading "
+        "zeros count): check --iid_column and the latent file names."
     )

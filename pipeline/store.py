@@ -7,10 +7,13 @@ Layout (Zarr format 3), row i of every per-subject array is the same subject, ro
     genes       (N, G, D)            float32|float16   gene axis in `gene_names` order
     gene_names  (G,)                 str
     split       (N,)                 int8   0 = train, 1 = val, 2 = test (SPLIT_CODES)
+    covariates       (N, C)          float32  only with `ingest --covariates`; categoricals one-hot
+    covariate_names  (C,)            str      e.g. "age", "site=site_2" (a level of column "site")
 
 plus `ingest_report.json` (every dropped subject with its reason) beside the arrays, and group
 attributes: schema/tool version, sources, per-file fingerprints, counts, latent shape, dtype, split
-fractions and codes, creation time. Chunks hold whole subjects so a chunk read is a batch of subjects;
+fractions and codes, creation time, `covariate_groups` (source column -> its store columns) and
+`relatedness` (whether a kinship file controlled the split, families, pairs across splits). Chunks hold whole subjects so a chunk read is a batch of subjects;
 their files sit side by side in each array's directory (`genes/c.7.0.0`: chunk key separator ".").
 """
 
@@ -90,6 +93,18 @@ class StoreView:
     embedding_dim: int
     dtype: str
     attrs: dict
+    covariates: np.ndarray | None = None  # (N, C) float32, None when the store has none
+    covariate_names: tuple[str, ...] = ()  # (C,)
+
+    @property
+    def covariate_groups(self) -> dict[str, list[str]]:
+        """Source covariate column -> its store columns (one, or the one-hot levels of a categorical)."""
+        return {k: list(v) for k, v in self.attrs.get("covariate_groups", {}).items()}
+
+    @property
+    def relatedness(self) -> dict:
+        """How relatives were handled: {"controlled": False} unless ingested with --kinship."""
+        return dict(self.attrs.get("relatedness", {"controlled": False}))
 
     @property
     def n_subjects(self) -> int:
@@ -329,11 +344,22 @@ def store_summary(view: StoreView) -> dict:
         "found": counts.get("found", report.get("found", {})),
         "dropped": len(report.get("dropped", [])),
         "dropped_by_kind": drops_in_words(report.get("dropped_by_reason", counts.get("dropped_by_reason", {}))),
+        "covariates": ", ".join(view.covariate_names) or "none (ingest with --covariates FILE)",
+        "relatedness": relatedness_in_words(view.relatedness),
         "report": str(view.path / REPORT_NAME),
         "created": attrs.get("created"),
         "tool_version": attrs.get("tool_version"),
         "schema_version": attrs.get("schema_version"),
     }
+
+
+def relatedness_in_words(record: dict) -> str:
+    """One line on how relatives were handled, for `info` and every report."""
+    if not record.get("controlled"):
+        return "not controlled: split by IID hash, relatives may sit across splits (ingest with --kinship)"
+    return (f"controlled ({record.get('file')}, kinship >= {record.get('threshold')}): {record.get('families', 0):,} "
+            f"families, {record.get('related_pairs', 0):,} related pairs, "
+            f"{record.get('cross_split_pairs', 0):,} pairs across splits")
 
 
 def gene_shape(store: StoreView, gene_index: int | None) -> tuple[int, ...]:
@@ -366,6 +392,7 @@ def open_store(path: str | Path) -> StoreView:
         if name not in group:
             raise GenealignError(f"Store {path} lacks array '{name}'; re-run `genealign ingest --overwrite`.")
     genes = group["genes"]
+    has_covariates = "covariates" in group and "covariate_names" in group
     return StoreView(
         path=path,
         iid=_as_unicode(group["iid"][:]),
@@ -377,6 +404,8 @@ def open_store(path: str | Path) -> StoreView:
         embedding_dim=int(genes.shape[2]),
         dtype=str(genes.dtype),
         attrs=attrs,
+        covariates=np.asarray(group["covariates"][:], dtype=np.float32) if has_covariates else None,
+        covariate_names=tuple(str(c) for c in group["covariate_names"][:].tolist()) if has_covariates else (),
     )
 
 
@@ -396,16 +425,21 @@ def write_store(
     split_fractions=DEFAULT_SPLIT_FRACTIONS,
     attrs: dict | None = None,
     chunk_rows: int | None = None,
+    covariates: np.ndarray | None = None,
+    covariate_names=None,
+    split: np.ndarray | None = None,
 ) -> StoreView:
     """Write a complete store from in-memory arrays (tests, small cohorts). `ingest` streams instead.
 
-    Rows are sorted by IID here, so callers may pass them in any order. Atomic (temp dir + rename)."""
+    Rows are sorted by IID here, so callers may pass them in any order (with `covariates` (N, C) and
+    `split` (N,) codes, default `assign_split`, in the same order). Atomic (temp dir + rename)."""
     from pipeline.atomic import replace_dir, temp_dir_for
 
     iid = np.asarray(iid).astype(str)
     order = np.argsort(iid, kind="stable")
     iid, neuro, genes = iid[order], np.asarray(neuro)[order], np.asarray(genes)[order]
     n = len(iid)
+    split = assign_split(iid, split_fractions) if split is None else np.asarray(split, dtype=np.int8)[order]
     latent_shape = tuple(neuro.shape[1:])
     tmp = temp_dir_for(path)
     group = create_store_arrays(
@@ -413,15 +447,38 @@ def write_store(
     )
     group["iid"][:] = iid
     group["gene_names"][:] = np.asarray(list(gene_names)).astype(str)
-    group["split"][:] = assign_split(iid, split_fractions)
+    group["split"][:] = split
+    if covariates is not None:
+        write_covariates(group, np.asarray(covariates, dtype=np.float32)[order], list(covariate_names))
     group["neuro"][:] = neuro.astype(dtype)
     group["genes"][:] = genes.astype(dtype)
     meta = base_attrs(n, latent_shape, len(list(gene_names)), genes.shape[2], dtype, split_fractions)
+    if covariates is not None:
+        meta["covariate_groups"] = covariate_groups_of(list(covariate_names))
     meta.update(attrs or {})
     group.attrs.update(meta)
     (tmp / REPORT_NAME).write_text(json.dumps({"kept": n, "dropped": []}))
     replace_dir(tmp, path)
     return open_store(path)
+
+
+def write_covariates(group, covariates: np.ndarray, names: list[str]) -> None:
+    """The `covariates` (N, C) float32 and `covariate_names` (C,) arrays of an open store group."""
+    n, c = covariates.shape
+    if c != len(names):
+        raise ValueError(f"{c} covariate columns but {len(names)} names")
+    group.create_array("covariates", shape=(n, c), dtype="float32", chunks=(max(n, 1), max(c, 1)))
+    group.create_array("covariate_names", shape=(c,), dtype=str, chunks=(max(c, 1),))
+    group["covariates"][:] = covariates
+    group["covariate_names"][:] = np.asarray(names, dtype=str)
+
+
+def covariate_groups_of(names: list[str]) -> dict[str, list[str]]:
+    """Store columns by source column: a one-hot level "site=site_2" belongs to "site"."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(name.split("=", 1)[0], []).append(name)
+    return groups
 
 
 def base_attrs(n, latent_shape, n_genes, dim, dtype, split_fractions) -> dict:
