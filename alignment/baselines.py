@@ -34,6 +34,11 @@ scores (up to max(brain_dims)) and every gene's whitened PCA scores (up to max(g
 Per-gene width, brain width, alpha, rank (and genes kept) are chosen on the val split by top-1, then
 MRR (mean of both directions). Every method records its val scores, so `Baselines.strongest()` names
 the one to compare the model with.
+
+Covariates only (`fit_covariate_baseline`, stores with covariates): the rrr machinery with the gene
+side replaced by the subject's covariate design (every stored covariate, with age^2, age x sex, age x
+site; `pipeline.residualize`): what confounds alone retrieve. Its brain side goes through the same
+`inputs` as the other methods, so with the brain residualised on those covariates it sits at chance.
 """
 
 from __future__ import annotations
@@ -47,11 +52,13 @@ from threadpoolctl import threadpool_limits
 
 from pipeline.errors import GenealignError
 from pipeline.normalize import fit_gene_pca, fit_pca, principal_components, zscore
+from pipeline.residualize import ALL, Residualizer, residualizer_for
 from pipeline.store import StoreView
 
 BASELINES = ("cca", "pls", "rrr", "rrr_screened", "rcca", "rcca_screened")
 LABELS = {"cca": "PCA+CCA", "pls": "PCA+PLS", "rrr": "reduced-rank ridge", "rrr_screened": "reduced-rank ridge, screened genes",
-          "rcca": "regularised CCA", "rcca_screened": "regularised CCA, screened genes"}
+          "rcca": "regularised CCA", "rcca_screened": "regularised CCA, screened genes",
+          "covariates": "covariates only (reduced-rank ridge, covariates → brain)"}
 REGRESSION = ("rrr", "rrr_screened", "rcca", "rcca_screened")
 SCREENED = ("rrr_screened", "rcca_screened")
 # The joint PCA runs on whitened per-gene scores, whose spectrum is flat: the randomized PCA needs
@@ -94,15 +101,18 @@ def row_batches(store: StoreView, rows: np.ndarray, batch_rows: int) -> list[np.
     return batches
 
 
-def read_batches(store: StoreView, rows, batch_rows: int, gene_indices=None):
+def read_batches(store: StoreView, rows, batch_rows: int, gene_indices=None, inputs=None):
     """Yield (rows, neuro (b, V) float32, genes (b, G', D) float32) over `rows` (sorted), with only
-    the genes `gene_indices` (store order) when given."""
+    the genes `gene_indices` (store order) when given. `inputs(rows, neuro, genes) -> (neuro, genes)`,
+    when given, transforms each batch first (the covariate residualisation of the model)."""
     rows = np.sort(np.asarray(rows, dtype=np.int64))
     select = None if gene_indices is None or list(gene_indices) == list(range(store.n_genes)) else list(gene_indices)
     for batch in row_batches(store, rows, batch_rows):
         neuro, genes = store.read_rows(batch)  # (b, V), (b, G, D)
         if select is not None:
             genes = np.ascontiguousarray(genes[:, select])  # (b, G', D)
+        if inputs is not None:
+            neuro, genes = inputs(batch, neuro, genes)
         yield batch, neuro, genes
 
 
@@ -163,12 +173,13 @@ class PCAFrontend:
         return scores if whitened is None else np.hstack([scores, whitened])
 
 
-def _read_all(store: StoreView, rows: np.ndarray, gene_indices, batch_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """neuro (n, V) and genes (n, G', D) float32 of sorted `rows`, read chunk by chunk."""
+def _read_all(store: StoreView, rows: np.ndarray, gene_indices, batch_rows: int, inputs=None) -> tuple[np.ndarray, np.ndarray]:
+    """neuro (n, V) and genes (n, G', D) float32 of sorted `rows`, read chunk by chunk (through
+    `inputs` as in `read_batches`)."""
     neuro = np.empty((len(rows), store.neuro_dim), dtype=np.float32)
     genes = np.empty((len(rows), len(gene_indices), store.embedding_dim), dtype=np.float32)
     at = 0
-    for _, neuro_b, genes_b in read_batches(store, rows, batch_rows, gene_indices):
+    for _, neuro_b, genes_b in read_batches(store, rows, batch_rows, gene_indices, inputs):
         neuro[at : at + len(neuro_b)], genes[at : at + len(neuro_b)] = neuro_b, genes_b
         at += len(neuro_b)
     return neuro, genes
@@ -182,6 +193,7 @@ def fit_frontend(
     device: torch.device | str = "cpu",
     batch_rows: int = 512,
     regression: bool = False,
+    inputs=None,
 ) -> tuple[PCAFrontend, np.ndarray, np.ndarray]:
     """Fit the PCA front-end on `rows` (train rows) of the genes `gene_indices` (store indices);
     with `regression`, also the whitened columns rrr / rcca read (widths: the grids' largest).
@@ -194,7 +206,7 @@ def fit_frontend(
     n, single = len(rows), len(gene_indices) == 1
     p = min(config.pca_dim, store.neuro_dim, n - 1)
     k1 = min(config.pca_dim if single else config.per_gene_dim, store.embedding_dim, n - 1)
-    neuro, genes = _read_all(store, rows, list(gene_indices), batch_rows)
+    neuro, genes = _read_all(store, rows, list(gene_indices), batch_rows, inputs)
     x = torch.from_numpy(neuro).to(device)  # (n, V)
     neuro_mean, neuro_std, neuro_components = fit_pca(x, p, generator, False, POWER_ITERATIONS)  # (V,), (V,), (V, p)
     del x
@@ -427,8 +439,10 @@ def fit_baselines(
     methods=BASELINES,
     config: BaselineConfig = BaselineConfig(),
     device: torch.device | str = "cpu",
+    inputs=None,
 ) -> Baselines:
-    """Fit the front-end and each method in `methods` on the train rows, genes `gene_indices`."""
+    """Fit the front-end and each method in `methods` on the train rows, genes `gene_indices`, of
+    the raw rows or, with `inputs` (see `read_batches`), of the rows it returns."""
     methods = tuple(methods)
     unknown = [m for m in methods if m not in BASELINES]
     if unknown:
@@ -448,12 +462,13 @@ def fit_baselines(
     if regression and len(val_rows) < 2:
         raise GenealignError(f"The val split of {store.path} has {len(val_rows)} subjects; rrr / rcca choose their "
                              "hyperparameters on it and need at least 2: use --baselines cca,pls.")
-    frontend, neuro_scores, gene_scores = fit_frontend(store, rows, gene_indices, config, device, regression=regression)
+    frontend, neuro_scores, gene_scores = fit_frontend(store, rows, gene_indices, config, device, regression=regression,
+                                                       inputs=inputs)
     p, q = frontend.dims
     fitted = {name: fit_baseline(name, neuro_scores[:, :p], gene_scores[:, :q], config)
               for name in methods if name not in REGRESSION}
     if len(val_rows) >= 2:
-        neuro_val, genes_val = _read_all(store, val_rows, gene_indices, 512)
+        neuro_val, genes_val = _read_all(store, val_rows, gene_indices, 512, inputs)
         neuro_val = _transform_rows(frontend.transform_neuro, neuro_val, 512)
         genes_val = _transform_rows(frontend.transform_genes, genes_val, 512)
         for name in [m for m in methods if m in REGRESSION]:
@@ -470,3 +485,66 @@ def fit_baselines(
         if "screened_genes" in baseline.chosen:  # positions -> names, best first
             baseline.chosen["screened_genes"] = [names[j] for j in baseline.chosen["screened_genes"]]
     return Baselines(frontend=frontend, methods=fitted, n_fit=len(rows), gene_names=names, config=config, notes=notes)
+
+
+# ------------------------------------------------------------------------------- covariates only
+@dataclass
+class CovariateBaseline:
+    """Reduced-rank ridge from the covariate design (n, K) to the whitened brain scores (n, p)."""
+
+    design: Residualizer  # the covariate design's terms and train standardisation
+    brain_mean: np.ndarray  # (V,)
+    brain_std: np.ndarray  # (V,)
+    brain_whitening: np.ndarray  # (V, p)
+    fitted: FittedBaseline  # neuro_map (p, r), gene_map (K, r)
+    n_fit: int
+
+    def embed(self, store: StoreView, rows, inputs=None, batch_rows: int = 512) -> tuple[np.ndarray, np.ndarray]:
+        """Unit-norm features (n, r) of sorted `rows`: observed brain (through `inputs`) and predicted brain."""
+        neuro = _read_neuro(store, rows, inputs, batch_rows)  # (n, V)
+        brain = zscore(neuro, self.brain_mean, self.brain_std) @ self.brain_whitening  # (n, p)
+        design = self.design.design(store.covariates[np.sort(rows)])  # (n, K)
+        return _l2(brain @ self.fitted.neuro_map), _l2(design @ self.fitted.gene_map)
+
+    def describe(self) -> dict:
+        return {"fitted_on": "train split", "n_fit_rows": int(self.n_fit), "covariates_design": self.design.term_names,
+                "scoring": "cosine similarity of observed and predicted brain scores", **self.fitted.describe()}
+
+
+def _read_neuro(store: StoreView, rows, inputs, batch_rows: int) -> np.ndarray:
+    """Brain rows (n, V) float64 of sorted `rows`, through `inputs` (called with genes=None)."""
+    parts = [neuro if inputs is None else inputs(batch, neuro, None)[0]
+             for batch, neuro, _ in read_batches(store, rows, batch_rows, [0])]  # (b, V) each
+    return np.concatenate(parts).astype(np.float64)
+
+
+def fit_covariate_baseline(store: StoreView, train_rows, config: BaselineConfig = BaselineConfig(),
+                           device: torch.device | str = "cpu", inputs=None) -> CovariateBaseline | None:
+    """Fit on train, tune (alpha, brain width, rank) on val like rrr; None when the store has no
+    covariates or the splits are too small. `inputs` as in `read_batches` (brain side only is used)."""
+    rows, val_rows = fit_rows(train_rows, config.fit_max_rows, config.seed), store.indices("val")
+    if store.covariates is None or len(rows) < 4 or len(val_rows) < 2:
+        return None
+    design = residualizer_for(ALL, store, rows)
+    neuro = _read_neuro(store, rows, inputs, 512)  # (n, V)
+    big = min(max(config.brain_dims), store.neuro_dim, len(rows) - 1)
+    generator = torch.Generator(device=torch.device(device)).manual_seed(config.seed + 2)
+    stats = fit_pca(torch.from_numpy(neuro).to(device), big, generator, True, POWER_ITERATIONS)
+    mean, std, whitening = (t.cpu().numpy() for t in stats)  # (V,), (V,), (V, P)
+    y_tr = zscore(neuro, mean, std) @ whitening  # (n, P)
+    y_va = zscore(_read_neuro(store, val_rows, inputs, 512), mean, std) @ whitening
+    x_tr, x_va = design.design(store.covariates[rows]), design.design(store.covariates[val_rows])  # (n, K)
+    brain_dims = sorted({min(p, big) for p in config.brain_dims})
+    ranks = lambda p: sorted({min(r, p, x_tr.shape[1]) for r in config.ranks})  # noqa: E731
+    best = None
+    with threadpool_limits(limits=1, user_api="blas"):
+        for alpha, p, r, gene_map, neuro_map in _linear_maps("rrr", x_tr, y_tr, config, brain_dims, ranks):
+            score = val_score(y_va[:, :p] @ neuro_map, x_va @ gene_map)
+            if best is None or score > best[0]:
+                best = (score, alpha, p, r, gene_map, neuro_map)
+    (top1, mrr), alpha, p, r, gene_map, neuro_map = best
+    x, y = x_tr @ gene_map, y_tr[:, :p] @ neuro_map
+    correlations = [float(np.corrcoef(x[:, i], y[:, i])[0, 1]) if x[:, i].std() > 0 else 0.0 for i in range(r)]
+    chosen = {"alpha": alpha, "brain_dim": p, "rank": r, "val_top1": top1, "val_mrr": mrr}
+    fitted = FittedBaseline("covariates", None, r, correlations, [], slice(None), slice(None), neuro_map, gene_map, chosen)
+    return CovariateBaseline(design, mean, std, whitening[:, :p], fitted, len(rows))

@@ -340,6 +340,7 @@ def train(
     iid_column: Annotated[str, opt("iid_column", "IID column (seed-style input only).", D)] = "IID",
     mode: Annotated[Optional[str], opt("mode", "single (one gene, linear) or sequence (transformer over all genes; default).", D)] = None,
     single_gene_name: Annotated[Optional[str], opt("single_gene_name", "Gene for --mode single, e.g. APOE.", D)] = None,
+    residualize: Annotated[Optional[str], opt("residualize", "Covariates regressed out of both modalities (fitted on train): all (default; none if the store has no covariates), none, or names like age,sex,site.", D)] = None,
     config: Annotated[Optional[Path], opt("config", "Settings file (e.g. `genealign tune`'s best_config.json), between the preset and the flags.", M)] = None,
     preset: Annotated[Optional[str], opt("preset", "cpu-small (measured demo settings), gpu (a starting point) or seed (the seed's defaults). Default: chosen from the data and device.", M)] = None,
     projection_dim: Annotated[Optional[int], opt("projection_dim", "Width of the shared embedding space. " + _PRESET_HELP, M)] = None,
@@ -397,6 +398,9 @@ def train(
             f"{best.get('val_pool_size', 0):,} (chance {best.get('val_chance_top1', float('nan')):.4f}).\n"
             f"Checkpoint {result.best_checkpoint}. Next: genealign evaluate --checkpoint {result.output_dir}"
         )
+        for line in (result.residualized, result.relatedness):
+            if line:
+                console.print(line, markup=False, highlight=False)
 
 
 def _store_for_training(store, gene_embedding_dir, brain_latent_dir, iid_column, output_dir) -> Path:
@@ -462,6 +466,7 @@ def evaluate(
     bootstrap: Annotated[int, opt("bootstrap", "Bootstrap resamples for the 95% intervals.", "Retrieval")] = 1000,
     permutations: Annotated[int, opt("permutations", "Pairing permutations for the p-value.", "Retrieval")] = 1000,
     baselines: Annotated[str, opt("baselines", "Baselines fitted on train: all, none, or some of cca, pls, rrr, rrr_screened, rcca, rcca_screened.", "Retrieval")] = "all",
+    residualize: Annotated[Optional[str], opt("residualize", "Covariate residualisation of baselines and oracle: default the checkpoint's; if given it must match it (all, none, or names).", "Retrieval")] = None,
     oracle: Annotated[bool, flag("oracle", "Add the generator's oracle (stores made by `genealign synth`).", "Retrieval")] = True,
     seed: Annotated[int, opt("seed", "Seed of pools, bootstrap and permutations.", "Retrieval")] = 0,
     device: Annotated[str, opt("device", "auto, cpu, cuda or cuda:N.", "Retrieval")] = "auto",
@@ -479,7 +484,8 @@ def evaluate(
         EvalConfig(checkpoint=checkpoint, store=store, split=split,
                    pool_sizes=tuple(p.strip() for p in pool_sizes.split(",") if p.strip()), draws=draws,
                    bootstrap=bootstrap, permutations=permutations, baselines=chosen, output_dir=output_dir,
-                   seed=seed, device=device, batch_size=batch_size, oracle=oracle, overwrite=overwrite),
+                   seed=seed, device=device, batch_size=batch_size, oracle=oracle, overwrite=overwrite,
+                   residualize=residualize),
         progress=lambda message: console.print(message, style="dim", markup=False, highlight=False),
     )
     rows = result.headline
@@ -489,6 +495,9 @@ def evaluate(
 
     if versus_strongest(result.metrics):
         console.print(versus_strongest(result.metrics), markup=False, highlight=False)
+    for line in (result.metrics["residualize"]["summary"], result.metrics["relatedness"].get("note")):
+        if line:
+            console.print(line, markup=False, highlight=False)
     console.print(f"Report {result.report_path} ({result.seconds:.0f}s).", markup=False, highlight=False)
 
 
@@ -499,6 +508,7 @@ def demo(
     output_dir: Annotated[Path, opt("output_dir", "Where the cohort, store, runs and report go.")] = Path("data/demo"),
     subjects: Annotated[int, opt("subjects", "Cohort size (the test split must hold >= 1,000 subjects).")] = 8000,
     null: Annotated[bool, flag("null", "Use a cohort with no gene->brain signal (every figure should sit at chance).")] = False,
+    confounds: Annotated[bool, flag("confounds", "A confounded cohort with relatives: ingest with covariates and kinship, residualise.")] = False,
     device: Annotated[str, opt("device", "auto, cpu, cuda or cuda:N.")] = "auto",
     overwrite: Annotated[bool, switch("overwrite", "Use --output-dir even if it holds files the demo did not write.")] = False,
 ) -> None:
@@ -507,7 +517,8 @@ def demo(
 
     bar = _TrainProgress()
     try:
-        result = run_demo(DemoConfig(output_dir=output_dir, subjects=subjects, null=null, device=device, overwrite=overwrite),
+        result = run_demo(DemoConfig(output_dir=output_dir, subjects=subjects, null=null, confounds=confounds,
+                                     device=device, overwrite=overwrite),
                           log=lambda message: console.print(message, highlight=False, markup=False), progress=bar)
     finally:
         bar.close()

@@ -23,6 +23,7 @@ from pipeline.atomic import atomic_write_json, atomic_write_text
 from pipeline.errors import GenealignError
 from pipeline.ingest import IngestConfig, ingest
 from pipeline.oracle import strongest_gene
+from pipeline.store import relatedness_in_words
 from pipeline.synth import SynthConfig, causal_genes, load_truth, synthesize
 
 DONE = ".done.json"
@@ -41,6 +42,10 @@ class DemoConfig:
     latent_shape: tuple = (3, 15, 18, 15)
     seed: int = 0
     null: bool = False
+    # A confounded, related cohort (synth --confounds --families), ingested with --covariates and
+    # --kinship; training and evaluation then residualise every covariate (their default).
+    confounds: bool = False
+    families: float = 0.3  # UK Biobank: 30.3% have a third-degree or closer relative in the cohort
     # Test split >= 1,000 subjects so "top-1 out of 1,000" is measured on held-out subjects.
     split_fractions: tuple = (0.7, 0.1, 0.2)
     # The cpu-small preset (alignment.settings), the one `genealign train` picks on a CPU.
@@ -107,8 +112,9 @@ STEPS = 7
 
 def run_demo(config: DemoConfig, log: Callable[[str], None] = print, progress=None) -> DemoResult:
     _claim(Path(config.output_dir), config.overwrite)
-    # The null cohort's runs and report live in their own folder so they never replace the real ones.
-    out = Path(config.output_dir) / ("null" if config.null else "")
+    # The null and confounded cohorts' runs and reports live in their own folders, so they never
+    # replace the default demo's.
+    out = Path(config.output_dir) / ("null" if config.null else "") / ("confounds" if config.confounds else "")
     cohort, store = out / "cohort", out / "cohort.zarr"
     _make_cohort(config, cohort, store, log)
     gene = strongest_gene(load_truth(cohort / "truth.json"))
@@ -125,20 +131,26 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print, progress=No
 def _make_cohort(config: DemoConfig, cohort: Path, store: Path, log) -> None:
     synth_settings = {"subjects": config.subjects, "genes": config.genes, "embedding_dim": config.embedding_dim,
                       "latent_shape": list(config.latent_shape), "seed": config.seed, "null": config.null}
+    if config.confounds:
+        synth_settings.update(confounds=True, families=config.families)
     if _done(cohort, synth_settings):
         log(f"[1/{STEPS}] cohort {cohort} already generated; reusing it")
     else:
         log(f"[1/{STEPS}] generating {config.subjects:,} subjects x {config.genes} genes into {cohort}")
         res = synthesize(SynthConfig(out_dir=cohort, subjects=config.subjects, genes=config.genes,
                                      embedding_dim=config.embedding_dim, latent_shape=tuple(config.latent_shape),
-                                     seed=config.seed, null=config.null), overwrite=True)
+                                     seed=config.seed, null=config.null, confounds=config.confounds,
+                                     families=config.families if config.confounds else 0.0), overwrite=True)
         log(f"      {res.n_subjects:,} subjects in {res.seconds:.1f}s")
         _mark(cohort, synth_settings)
     log(f"[2/{STEPS}] ingesting into {store}")
+    side = dict(covariates=cohort / "covariates.csv", kinship=cohort / "kinship.dat") if config.confounds else {}
     ing = ingest(IngestConfig(gene_embedding_dir=cohort / "gene_embeddings", brain_latent_dir=cohort / "brain_latent",
-                              store=store, workers=2, split_fractions=tuple(config.split_fractions)))
+                              store=store, workers=2, split_fractions=tuple(config.split_fractions), **side))
     log(f"      {ing.n_kept:,} subjects kept, dropped: {ing.dropped_by_kind or 'none'}"
         + (" (reused)" if ing.reused else f" ({ing.seconds:.1f}s)"))
+    if config.confounds:
+        log(f"      covariates {', '.join(ing.covariate_names)}; relatedness {relatedness_in_words(ing.relatedness)}")
 
 
 def _train_and_evaluate(config: DemoConfig, store: Path, out: Path, step: int, run, log, progress) -> tuple[str, Path]:

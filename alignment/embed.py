@@ -2,7 +2,8 @@
 
 `embed_model(model, store, rows, gene_indices, device)` is the one place that turns raw store rows
 into normalised features: training's validation, `genealign evaluate`, `explain` and `embed` all call
-it, so every figure is computed from the same encodings a user exports.
+it, so every figure is computed from the same encodings a user exports. A model that residualises
+covariates gets each subject's covariate row from the store (`model_covariates`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import GenealignError
+from pipeline.residualize import covariate_columns
 from pipeline.store import StoreView, row_blocks
 
 
@@ -51,6 +53,17 @@ def model_genes(genes: np.ndarray, gene_indices, single: bool) -> np.ndarray:
     return np.ascontiguousarray(genes[:, list(gene_indices)])
 
 
+def model_covariates(model, store: StoreView) -> np.ndarray | None:
+    """The store's covariates (N, C) float32 in the columns the model was trained with (matched by
+    name), or None for a model that residualises nothing; a GenealignError when columns are missing."""
+    if not model.residualizes:
+        return None
+    names = model.config.covariate_names
+    where = f"The model (residualised on {', '.join(names)}) on store {store.path}"
+    index = covariate_columns(store.covariate_names, names, where)
+    return np.ascontiguousarray(store.covariates[:, index], dtype=np.float32)
+
+
 @torch.no_grad()
 def embed_model(
     model, store: StoreView, rows, gene_indices, device: torch.device, batch_size: int = 1024
@@ -66,14 +79,17 @@ def embed_model(
     was_training = model.training
     model.eval()
     one_gene = int(gene_indices[0]) if single else None
+    covariates = model_covariates(model, store)  # (N, C) | None
     with autocast(device, autocast_dtype(device)):
         for positions, neuro, genes in row_blocks(store, rows, gene_index=one_gene):
             genes = genes if single else model_genes(genes, gene_indices, single=False)
             for lo in range(0, len(positions), batch_size):
-                at = torch.from_numpy(positions[lo : lo + batch_size]).to(device)
+                batch = positions[lo : lo + batch_size]
+                at = torch.from_numpy(batch).to(device)
                 neuro_t = torch.from_numpy(neuro[lo : lo + batch_size].astype(np.float32, copy=False)).to(device)
                 genes_t = torch.from_numpy(genes[lo : lo + batch_size].astype(np.float32, copy=False)).to(device)
-                neuro_out[at] = model.encode_neuro(neuro_t).float()  # (b, P)
-                gene_out[at] = model.encode_gene(genes_t).float()  # (b, P)
+                cov_t = None if covariates is None else torch.from_numpy(covariates[rows[batch]]).to(device)  # (b, C)
+                neuro_out[at] = model.encode_neuro(neuro_t, covariates=cov_t).float()  # (b, P)
+                gene_out[at] = model.encode_gene(genes_t, covariates=cov_t).float()  # (b, P)
     model.train(was_training)
     return neuro_out, gene_out

@@ -10,7 +10,11 @@ them meaning: pool size, direction, chance level, uncertainty and baselines.
 2. Embed the split in batches under no_grad (bf16 autocast on CUDA, features float32).
 3. Baselines on the same split and the same genes (`alignment.baselines`, fitted on the train split
    only), and the oracle when the store came from `genealign synth` (its truth.json is found beside
-   the store's source folders; the oracle's features are scored by dot product, not cosine).
+   the store's source folders; the oracle's features are scored by dot product, not cosine). With
+   covariates residualised (the checkpoint's setting; `--residualize` may only repeat it) the
+   baselines see the rows the model's residualiser returns and the oracle's features are
+   residualised with coefficients fitted on train rows. A store with covariates adds the
+   "covariates only" row: the gene side replaced by the covariate design.
 4. For every method and the chance row: `alignment.metrics.method_metrics` (both directions, the
    whole split with bootstrap CIs and a permutation p-value, random pools with percentile
    intervals over draws, top-k curves, matched vs unmatched similarity). Random pools and bootstrap
@@ -31,12 +35,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from alignment.embed import embed_model, resolve_device
-from alignment.baselines import BASELINES, LABELS, BaselineConfig, fit_baselines, read_batches
+from alignment.embed import embed_model, model_covariates, resolve_device
+from alignment.baselines import (BASELINES, LABELS, BaselineConfig, fit_baselines, fit_covariate_baseline, fit_rows,
+                                 read_batches)
 from alignment.metrics import CI_LEVEL, chance_figures, method_metrics
 from alignment.model import MultiGeneAlignmentModel
 from pipeline import GenealignError, open_store
 from pipeline.atomic import atomic_write_json
+from pipeline.residualize import describe_setting, relatedness_note, select_covariates
 from pipeline.store import StoreView
 
 SCHEMA = "genealign-eval/1"
@@ -76,6 +82,9 @@ class EvalConfig:
     oracle: bool = True
     overwrite: bool = False  # replace an output_dir holding another checkpoint's evaluation
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    # Covariates residualised: None = the checkpoint's setting (what the model was trained with);
+    # 'all' | 'none' | 'NAME,NAME' must name the same covariates as the checkpoint's.
+    residualize: str | None = None
 
 
 @dataclass
@@ -243,10 +252,11 @@ def _checkpoint_meta(path) -> dict:
 
 
 # -------------------------------------------------------------------------------------- features
-def embed_baselines(baselines, store, rows, gene_indices, batch_size) -> dict:
-    """name -> (neuro features, gene features) (n, c) float32, unit norm, for each fitted baseline."""
+def embed_baselines(baselines, store, rows, gene_indices, batch_size, inputs=None) -> dict:
+    """name -> (neuro features, gene features) (n, c) float32, unit norm, for each fitted baseline
+    (rows through `inputs`, the residualisation, as in `alignment.baselines.read_batches`)."""
     neuro_pc, gene_pc = [], []
-    for _, neuro, genes in read_batches(store, rows, batch_size, gene_indices):
+    for _, neuro, genes in read_batches(store, rows, batch_size, gene_indices, inputs):
         neuro_pc.append(baselines.frontend.transform_neuro(neuro))  # (b, p)
         gene_pc.append(baselines.frontend.transform_genes(genes))  # (b, q)
     neuro_pc, gene_pc = np.concatenate(neuro_pc), np.concatenate(gene_pc)
@@ -266,41 +276,112 @@ def oracle_features(truth: dict, store, rows, gene_indices) -> tuple[np.ndarray,
     return np.concatenate(neuro_parts), np.concatenate(gene_parts)
 
 
+def residual_inputs(model, store) -> Callable | None:
+    """`inputs(rows, neuro, genes) -> (neuro, genes)` for the baselines: raw store rows through the
+    model's own residualiser (genes may be None), or None when the model residualises nothing."""
+    covariates = model_covariates(model, store)  # (N, C) | None
+    if covariates is None:
+        return None
+    device, gene_shape = model.logit_scale.device, tuple(model.covariate_residualizer.gene_beta.shape[1:])
+
+    @torch.no_grad()
+    def inputs(rows, neuro, genes):
+        cov = torch.from_numpy(covariates[rows]).to(device)  # (b, C)
+        neuro = model.residualize_neuro(torch.from_numpy(neuro).to(device), cov).cpu().numpy()  # (b, V)
+        if genes is not None:  # (b, G', D): (b, 1, D) for a single-gene model, whose beta is (K, D)
+            g = torch.from_numpy(genes).to(device)
+            genes = model.residualize_genes(g.reshape(len(g), *gene_shape), cov).reshape(g.shape).cpu().numpy()
+        return neuro, genes
+
+    return inputs
+
+
+def residual_setting(config: EvalConfig, model, ckpt_config: dict, store) -> dict:
+    """What the checkpoint residualised (its --residualize, covariates, terms, a summary line); a
+    GenealignError when config.residualize names other covariates than the model was trained with."""
+    spec = model.residualizer()
+    trained = ckpt_config.get("train", {}).get("residualize") or ("all" if spec else "none")
+    mains = {t[0] for t in spec.terms if len(t) == 1} if spec else set()
+    derived = [g for g, columns in store.covariate_groups.items() if mains & set(columns)]
+    groups = list(ckpt_config.get("residualize", {}).get("covariates", derived))
+    if config.residualize is not None:
+        asked = select_covariates(config.residualize, store.covariate_groups)
+        if set(asked) != set(groups):
+            raise GenealignError(
+                f"--residualize {config.residualize} means {', '.join(asked) or 'no covariates'}, but the model was trained "
+                f"with --residualize {trained} ({', '.join(groups) or 'nothing residualised'}); the baselines and the oracle "
+                "must see what the model saw: drop --residualize, or retrain with the setting you want."
+            )
+    return {"setting": trained, "covariates": groups, "terms": spec.term_names if spec else [],
+            "summary": describe_setting(groups, store.covariates is not None)}
+
+
 def method_features(config, store, model, mode, gene_indices, rows, device, notes) -> tuple[dict, dict]:
     """Features of every method on the split, name -> (neuro side, gene side) tensors on `device`
     (row i = subject i), and what to record about each method's fit. Appends to `notes`."""
     features = {"model": embed_model(model.to(device), store, rows, gene_indices, device, config.batch_size)}
     fits = {}
+    inputs = residual_inputs(model, store)
     methods = [m.lower() for m in _as_list(config.baselines) if m.lower() != "none"]
     n_train = len(store.indices("train"))
-    if methods and n_train < MIN_BASELINE_TRAIN:
+    if (methods or store.covariates is not None) and n_train < MIN_BASELINE_TRAIN:
         # e.g. an external cohort ingested as all-test: nothing to fit the baselines on.
         notes.append(f"Baselines skipped: the train split of {store.path} has {n_train} subjects "
                      f"(at least {MIN_BASELINE_TRAIN} are needed to fit them).")
-        methods = []
+    elif methods or store.covariates is not None:
+        _baseline_features(config, store, gene_indices, methods, rows, device, inputs, features, fits, notes)
+    _oracle_features(config, store, model, rows, gene_indices, device, features, fits, notes)
+    return features, fits
+
+
+def _baseline_features(config, store, gene_indices, methods, rows, device, inputs, features, fits, notes) -> None:
+    """The linear baselines and the covariates-only row, fitted on train, into `features` / `fits`."""
+    as_tensors = lambda pair: tuple(torch.from_numpy(side).to(device) for side in pair)  # noqa: E731
     if methods:
-        baselines = fit_baselines(store, store.indices("train"), gene_indices, methods, config.baseline, device)
-        for name, (neuro_f, gene_f) in embed_baselines(baselines, store, rows, gene_indices, config.batch_size).items():
-            features[name] = (torch.from_numpy(neuro_f).to(device), torch.from_numpy(gene_f).to(device))
+        baselines = fit_baselines(store, store.indices("train"), gene_indices, methods, config.baseline, device, inputs)
+        for name, pair in embed_baselines(baselines, store, rows, gene_indices, config.batch_size, inputs).items():
+            features[name] = as_tensors(pair)
             fitted = baselines.methods[name]
             fits[name] = {**baselines.describe(), **fitted.describe(), "strongest_on_val": name == baselines.strongest()}
             notes += fitted.notes
         notes += baselines.notes
-    truth_path = store.cohort_truth_path()
-    if config.oracle and truth_path is not None:
-        from pipeline.oracle import oracle_refusal
-        from pipeline.synth import load_truth
+    if store.covariates is None:
+        return
+    covariate_only = fit_covariate_baseline(store, store.indices("train"), config.baseline, device, inputs)
+    if covariate_only is None:
+        notes.append("No covariates-only row: the train or val split is too small to fit it.")
+        return
+    features["covariates"] = as_tensors(covariate_only.embed(store, rows, inputs))
+    fits["covariates"] = {**covariate_only.describe(), "brain_residualised": inputs is not None}
 
-        truth = load_truth(truth_path)
-        if oracle_refusal(truth):
-            notes.append(f"No oracle: {oracle_refusal(truth)}.")
-            return features, fits
-        neuro_o, gene_o = oracle_features(truth, store, rows, gene_indices)
-        features["oracle"] = (torch.from_numpy(neuro_o).to(device), torch.from_numpy(gene_o).to(device))
-        fits["oracle"] = {"truth": str(truth_path), "genes": [store.gene_names[i] for i in gene_indices]}
-    elif config.oracle:
+
+def _oracle_features(config, store, model, rows, gene_indices, device, features, fits, notes) -> None:
+    """The oracle's features when the store came from `genealign synth`; residualised like the model's
+    inputs (the checkpoint's terms, coefficients fitted on train rows' oracle features)."""
+    truth_path = store.cohort_truth_path()
+    if not config.oracle:
+        return
+    if truth_path is None:
         notes.append("No oracle: the store was not made from a `genealign synth` cohort (no truth.json beside its sources).")
-    return features, fits
+        return
+    from pipeline.oracle import oracle_refusal
+    from pipeline.synth import load_truth
+
+    truth = load_truth(truth_path)
+    if oracle_refusal(truth):
+        notes.append(f"No oracle: {oracle_refusal(truth)}.")
+        return
+    sides = oracle_features(truth, store, rows, gene_indices)
+    spec = model.residualizer()
+    if spec is not None:
+        covariates = model_covariates(model, store)  # (N, C)
+        train = fit_rows(store.indices("train"), config.baseline.fit_max_rows, config.baseline.seed)
+        fitted = oracle_features(truth, store, train, gene_indices)
+        sides = tuple(spec.apply(side, covariates[np.sort(rows)], spec.fit(covariates[train], fit_side))
+                      for side, fit_side in zip(sides, fitted))
+    features["oracle"] = tuple(torch.from_numpy(np.ascontiguousarray(side)).to(device) for side in sides)
+    fits["oracle"] = {"truth": str(truth_path), "genes": [store.gene_names[i] for i in gene_indices],
+                      "residualised": spec is not None}
 
 
 # ------------------------------------------------------------------------------------------ evaluate
@@ -318,6 +399,7 @@ def evaluate(config: EvalConfig, progress: Callable[[str], None] | None = None) 
     meta = _checkpoint_meta(checkpoint)
     store = open_store(store_of(config, meta))
     mode, gene_names, gene_indices, notes = match_checkpoint(model.config, meta["config"], store, checkpoint)
+    residual = residual_setting(config, model, meta["config"], store)
     rows = store.indices(config.split)
     n = len(rows)
     if n < 2:
@@ -334,6 +416,7 @@ def evaluate(config: EvalConfig, progress: Callable[[str], None] | None = None) 
     features, fits = method_features(config, store, model, mode, gene_indices, rows, device, notes)
     figures, plot_data = _score(config, features, fits, mode, gene_names, n, pool_sizes, say)
     metrics = _document(config, checkpoint, meta, store, mode, gene_names, str(device), n, pool_sizes, figures, notes)
+    metrics.update(residualize=residual, relatedness={**store.relatedness, "note": relatedness_note(store.relatedness)})
     say(f"Writing {out_dir}/report.md, plots and metrics.json")
     report_path, plot_paths = write_report(metrics, plot_data, out_dir)
     metrics["files"] = {"report": str(report_path), "plots": {k: str(v) for k, v in plot_paths.items()}}
@@ -415,6 +498,8 @@ def _label(name: str, mode: str, gene_names, fit: dict | None = None) -> str:
         return f"model ({mode}, {genes})"
     if name == "oracle":
         return f"oracle ({genes})"
+    if name == "covariates":
+        return f"{LABELS[name]}; brain {'residualised' if (fit or {}).get('brain_residualised') else 'not residualised'}"
     return f"{LABELS[name]} ({genes})"
 
 

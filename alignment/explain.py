@@ -35,7 +35,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from alignment.embed import autocast, autocast_dtype, model_genes, resolve_device
+from alignment.embed import autocast, autocast_dtype, model_covariates, model_genes, resolve_device
 from alignment.evaluate import _checkpoint_meta, checkpoint_file, match_checkpoint, store_of
 from alignment.metrics import chance_levels, chunk_for, harmonic, retrieval_ranks
 from alignment.model import MultiGeneAlignmentModel
@@ -124,16 +124,19 @@ def reciprocal_ranks(neuro_f: torch.Tensor, gene_f: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def gene_side(model, genes: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, Callable]:
+def gene_side(model, genes: torch.Tensor, batch_size: int, covariates: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, Callable]:
     """(inputs (n, G, k), encode): the gene rows (n, G, D) after the model's front-end, and the rest
     of `encode_gene` on such rows ((b, G, k) -> normalised (b, P)). The front-end works gene by gene
     (z-scoring, per-gene PCA), so shuffling a gene before or after it is the same; applying it once
-    saves re-normalising the raw rows for every shuffle (a test checks encode == encode_gene)."""
+    saves re-normalising the raw rows for every shuffle (a test checks encode == encode_gene).
+    `covariates` (n, C): the subjects' raw covariates, for a model that residualises them."""
     parts = []
     for lo in range(0, genes.shape[0], batch_size):
         block = genes[lo : lo + batch_size]
+        cov = None if covariates is None else covariates[lo : lo + batch_size]
         with model._no_autocast(block):
-            parts.append(model._gene_frontend(block.to(model.gene_mean.dtype)))  # (b, G, k)
+            parts.append(model._gene_frontend(block.to(model.gene_mean.dtype), cov))  # (b, G, k)
     return torch.cat(parts), lambda x: torch.nn.functional.normalize(model.gene_encoder(x), dim=-1)
 
 
@@ -163,12 +166,13 @@ def genes_in_use(model) -> np.ndarray:
     return (weight.detach().flatten(1).abs().amax(dim=1) > 0).cpu().numpy()
 
 
-def permutation_drops(model, neuro_f, genes, config: ExplainConfig, say) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def permutation_drops(model, neuro_f, genes, config: ExplainConfig, say,
+                      covariates=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rr0 (n,), drops (G, n), shuffled MRR per repeat (G, R)) for raw gene rows genes (n, G, D):
     each subject's reciprocal rank unshuffled, its mean drop over the R shuffles of each gene, and
     each shuffle's MRR."""
     n, n_genes = genes.shape[0], genes.shape[1]
-    inputs, encode = gene_side(model, genes, config.batch_size)  # (n, G, k)
+    inputs, encode = gene_side(model, genes, config.batch_size, covariates)  # (n, G, k)
     rr0 = reciprocal_ranks(neuro_f, encode_shuffled(encode, inputs, config.batch_size))
     rng = np.random.default_rng([config.seed, n, 31])
     perms = torch.from_numpy(np.stack([rng.permutation(n) for _ in range(config.repeats)])).to(genes.device)
@@ -219,13 +223,14 @@ def sign_flip_p(drops: np.ndarray, flips: int, seed: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def mean_attention(model, genes: torch.Tensor) -> np.ndarray:
+def mean_attention(model, genes: torch.Tensor, covariates: torch.Tensor | None = None) -> np.ndarray:
     """(G, G) gene-gene attention averaged over subjects, layers and heads; rows = queries. With cls
     pooling the CLS row and column are left out (rows then sum to slightly below 1)."""
     model.eval()
     total = None
     for lo in range(0, genes.shape[0], ATTENTION_BATCH):
-        weights = model.gene_attention(genes[lo : lo + ATTENTION_BATCH])  # (b, L, h, S, S)
+        cov = None if covariates is None else covariates[lo : lo + ATTENTION_BATCH]
+        weights = model.gene_attention(genes[lo : lo + ATTENTION_BATCH], cov)  # (b, L, h, S, S)
         part = weights.float().sum(dim=(0, 1, 2)).double()  # (S, S)
         total = part if total is None else total + part
     layers_heads = model.config.transformer_num_layers * model.config.transformer_num_heads
@@ -302,16 +307,18 @@ def explain(config: ExplainConfig, progress: Callable[[str], None] | None = None
     neuro, genes = store.read_rows(rows)
     genes_t = torch.from_numpy(model_genes(genes, gene_indices, single=False)).to(device)  # (n, G, D)
     del genes
-    neuro_f = _encode_neuro(model, torch.from_numpy(neuro).to(device), config.batch_size)  # (n, P)
+    covariates = model_covariates(model, store)  # (N, C) or None
+    cov_t = None if covariates is None else torch.from_numpy(covariates[rows]).to(device)  # (n, C)
+    neuro_f = _encode_neuro(model, torch.from_numpy(neuro).to(device), config.batch_size, cov_t)  # (n, P)
     del neuro
     used = genes_in_use(model)
     if not used.all():
         notes.append(f"{int((~used).sum())} gene(s) have all-zero input weights (removed by the group lasso): "
                      "their importance is exactly 0 and p = 1, without re-encoding.")
     say(f"Shuffling each of {int(used.sum())} genes {config.repeats} times")
-    rr0, drops, shuffled = permutation_drops(model, neuro_f, genes_t, config, say)
+    rr0, drops, shuffled = permutation_drops(model, neuro_f, genes_t, config, say, cov_t)
     say("Mean attention, intervals, p-values, BH q")
-    attention = mean_attention(model, genes_t)
+    attention = mean_attention(model, genes_t, cov_t)
     planted = planted_genes(store)
     result_rows = importance_rows(names, drops, shuffled, rr0, attention, used, config, planted)
     ranked = [r["gene"] for r in result_rows]
@@ -363,11 +370,12 @@ def _subjects(store, config: ExplainConfig) -> tuple[np.ndarray, str | None]:
 
 
 @torch.no_grad()
-def _encode_neuro(model, neuro: torch.Tensor, batch_size: int) -> torch.Tensor:
+def _encode_neuro(model, neuro: torch.Tensor, batch_size: int, covariates=None) -> torch.Tensor:
     out = torch.empty(neuro.shape[0], model.config.projection_dim, device=neuro.device)
     with autocast(neuro.device, autocast_dtype(neuro.device)):
         for lo in range(0, neuro.shape[0], batch_size):
-            out[lo : lo + batch_size] = model.encode_neuro(neuro[lo : lo + batch_size]).float()  # (b, P)
+            cov = None if covariates is None else covariates[lo : lo + batch_size]
+            out[lo : lo + batch_size] = model.encode_neuro(neuro[lo : lo + batch_size], covariates=cov).float()  # (b, P)
     return out
 
 

@@ -19,7 +19,10 @@ fitting): the encoders then see a few hundred well-conditioned dimensions. The s
 projections are buffers (part of the state_dict) sized at construction, filled by
 `fit_frontend(neuro, genes)`. `encode_neuro` and `encode_gene` take rows exactly as the store holds
 them; normalisation happens inside, in float32 even under autocast (whitening amplifies
-small-variance directions, so bf16 inputs would be noisy).
+small-variance directions, so bf16 inputs would be noisy). With `covariate_names` / `residual_terms`
+in the config the front-end first regresses the covariates out of the raw rows (a
+`pipeline.residualize.CovariateResidualizer`, fitted by `fit_frontend(neuro, genes, covariates)`);
+the encoders then need each subject's raw covariate row: `encode_neuro(x, covariates=c)`.
 
 Checkpoints. `from_checkpoint(path)` rebuilds the model from ckpt["config"]["model"] and loads
 ckpt["model_state_dict"]. The seed's inference example (construct with the seed's arguments, then
@@ -58,6 +61,7 @@ from alignment.loss import (
 )
 from pipeline.errors import GenealignError
 from pipeline.normalize import fit_gene_pca, fit_pca, zscore
+from pipeline.residualize import CovariateResidualizer, Residualizer
 
 CLIP_LOGIT_SCALE_INIT = 2.6592  # ln(1 / 0.07), the seed's and CLIP's default
 POOLINGS = ("mean", "max", "cls")
@@ -94,13 +98,20 @@ class ModelConfig:
     gene_projection: str = "shared"
     gene_names: tuple[str, ...] | None = None
     latent_shape: tuple[int, ...] | None = None
+    # Covariate residualisation (`pipeline.residualize`), fitted by fit_frontend before z-scoring/PCA:
+    # the columns of the `covariates` rows the encoders take (the training store's covariate_names,
+    # in order) and the design terms, each a product of those columns (() = intercept). None = off.
+    covariate_names: tuple[str, ...] | None = None
+    residual_terms: tuple[tuple[str, ...], ...] | None = None
 
     def to_dict(self) -> dict:
         """Plain JSON / torch.load(weights_only=True)-safe dict (tuples become lists)."""
         out = asdict(self)
-        for key in ("gene_names", "latent_shape"):
+        for key in ("gene_names", "latent_shape", "covariate_names"):
             if out[key] is not None:
                 out[key] = list(out[key])
+        if out["residual_terms"] is not None:
+            out["residual_terms"] = [list(term) for term in out["residual_terms"]]
         return out
 
     @classmethod
@@ -131,7 +142,17 @@ class ModelConfig:
             values["gene_names"] = tuple(str(g) for g in values["gene_names"])
         if values.get("latent_shape") is not None:
             values["latent_shape"] = tuple(int(s) for s in values["latent_shape"])
-        return cls(**values)
+        return cls(**_residual_fields(values))
+
+
+def _residual_fields(values: dict) -> dict:
+    """`values` with covariate_names / residual_terms as tuples (they arrive as JSON lists)."""
+    values = dict(values)
+    if values.get("covariate_names") is not None:
+        values["covariate_names"] = tuple(str(c) for c in values["covariate_names"])
+    if values.get("residual_terms") is not None:
+        values["residual_terms"] = tuple(tuple(str(c) for c in term) for term in values["residual_terms"])
+    return values
 
 
 def _xavier_init(module: nn.Module) -> None:
@@ -291,6 +312,8 @@ class MultiGeneAlignmentModel(nn.Module):
         self.register_buffer("neuro_pca", torch.zeros(cfg.neuro_input_dim, k_neuro) if k_neuro else None)  # (V, kN)
         self.register_buffer("gene_pca", torch.zeros(*gene_shape, k_gene) if k_gene else None)  # (G, D, kG) | (D, kG)
         self._frontend_ready = False  # python mirror of frontend_fitted: no device sync per batch
+        self.covariate_residualizer = None if cfg.residual_terms is None else CovariateResidualizer(
+            cfg.covariate_names, cfg.residual_terms, {"neuro": (cfg.neuro_input_dim,), "gene": gene_shape})
 
         self.neuro_encoder = _projection_head(
             k_neuro or cfg.neuro_input_dim, cfg.projection_dim, cfg.neuro_hidden_dim, cfg.dropout
@@ -363,6 +386,24 @@ class MultiGeneAlignmentModel(nn.Module):
             ) from exc
         return model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
 
+    # ------------------------------------------------------------------------------ residualiser
+    @property
+    def residualizes(self) -> bool:
+        """Whether the encoders regress covariates out of their inputs (then they need `covariates`)."""
+        return self.covariate_residualizer is not None
+
+    def residualizer(self) -> Residualizer | None:
+        """The fitted term spec and standardisation (numpy), for residualising other features alike."""
+        return self.covariate_residualizer.spec() if self.residualizes else None
+
+    def residualize_neuro(self, neuro: torch.Tensor, covariates=None) -> torch.Tensor:
+        """Raw rows (B, V) minus their covariates' fitted part (unchanged when the model residualises nothing)."""
+        return self.covariate_residualizer(neuro, covariates, "neuro") if self.residualizes else neuro
+
+    def residualize_genes(self, genes: torch.Tensor, covariates=None) -> torch.Tensor:
+        """Raw rows (B, G, D) | (B, D) minus their covariates' fitted part."""
+        return self.covariate_residualizer(genes, covariates, "gene") if self.residualizes else genes
+
     # -------------------------------------------------------------------------------- front-end
     def _check_neuro(self, neuro: torch.Tensor) -> torch.Tensor:
         v = self._config.neuro_input_dim
@@ -390,7 +431,7 @@ class MultiGeneAlignmentModel(nn.Module):
 
     def _require_fitted(self) -> None:
         cfg = self._config
-        if (cfg.neuro_pca_dim or cfg.gene_pca_dim) and not self._frontend_ready:
+        if (cfg.neuro_pca_dim or cfg.gene_pca_dim or self.residualizes) and not self._frontend_ready:
             raise GenealignError(
                 f"The model's PCA front-end (neuro_pca_dim={cfg.neuro_pca_dim}, gene_pca_dim="
                 f"{cfg.gene_pca_dim}) is not fitted: call model.fit_frontend(neuro, genes) on the train "
@@ -398,12 +439,14 @@ class MultiGeneAlignmentModel(nn.Module):
             )
 
     @torch.no_grad()
-    def fit_frontend(self, neuro: torch.Tensor, genes: torch.Tensor) -> None:
-        """Fit z-scoring (and PCA whitening where the pca dims are > 0) on train-split rows.
+    def fit_frontend(self, neuro: torch.Tensor, genes: torch.Tensor, covariates=None) -> None:
+        """Fit the covariate residualiser (when the config has one; on the raw rows), then z-scoring
+        (and PCA whitening where the pca dims are > 0) of the residuals, on train-split rows.
 
-        neuro (n, V) and genes (n, G, D) [sequence] or (n, D) [single], raw store values. Runs on the
-        inputs' device; deterministic (fixed generator seed); float64 accumulation of the moments and
-        covariances (`pipeline.normalize`)."""
+        neuro (n, V) and genes (n, G, D) [sequence] or (n, D) [single], raw store values; covariates
+        (n, C) raw rows in config.covariate_names order (needed only by a residualising model). Runs
+        on the inputs' device; deterministic (fixed generator seed); float64 accumulation of the
+        moments and covariances (`pipeline.normalize`)."""
         neuro = self._check_neuro(neuro)
         genes = self._check_genes(genes)
         cfg = self._config
@@ -420,6 +463,9 @@ class MultiGeneAlignmentModel(nn.Module):
             )
         work = torch.float64 if neuro.dtype == torch.float64 else torch.float32
         neuro, genes = neuro.to(work), genes.to(work)  # no copy unless float16 / bfloat16 rows
+        if self.residualizes:
+            self.covariate_residualizer.fit(covariates, {"neuro": neuro, "gene": genes})
+            neuro, genes = self.residualize_neuro(neuro, covariates), self.residualize_genes(genes, covariates)
         generator = torch.Generator(device=neuro.device).manual_seed(FRONTEND_SEED)
         mean, std, whitening = fit_pca(neuro, cfg.neuro_pca_dim, generator)  # (V,), (V,), (V, kN) | None
         self.neuro_mean.copy_(mean)
@@ -434,14 +480,14 @@ class MultiGeneAlignmentModel(nn.Module):
         self.frontend_fitted.fill_(True)
         self._frontend_ready = True
 
-    def _neuro_frontend(self, neuro: torch.Tensor) -> torch.Tensor:
-        x = zscore(neuro, self.neuro_mean, self.neuro_std)  # (B, V)
+    def _neuro_frontend(self, neuro: torch.Tensor, covariates=None) -> torch.Tensor:
+        x = zscore(self.residualize_neuro(neuro, covariates), self.neuro_mean, self.neuro_std)  # (B, V)
         if self.neuro_pca is not None:
             x = x @ self.neuro_pca  # (B, kN)
         return x
 
-    def _gene_frontend(self, genes: torch.Tensor) -> torch.Tensor:
-        x = zscore(genes, self.gene_mean, self.gene_std)  # (B, G, D) | (B, D)
+    def _gene_frontend(self, genes: torch.Tensor, covariates=None) -> torch.Tensor:
+        x = zscore(self.residualize_genes(genes, covariates), self.gene_mean, self.gene_std)  # (B, G, D) | (B, D)
         if self.gene_pca is not None:
             if self.use_transformer:
                 x = torch.einsum("bgd,gdk->bgk", x, self.gene_pca)  # (B, G, kG)
@@ -454,25 +500,27 @@ class MultiGeneAlignmentModel(nn.Module):
         return torch.autocast(device_type=x.device.type, enabled=False)
 
     # --------------------------------------------------------------------------------- encoders
-    def encode_neuro(self, neuro: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Raw store rows (B, V) -> features (B, P), unit-norm when `normalize`."""
+    def encode_neuro(self, neuro: torch.Tensor, normalize: bool = True, *, covariates=None) -> torch.Tensor:
+        """Raw store rows (B, V) -> features (B, P), unit-norm when `normalize`. `covariates` (B, C):
+        the subjects' raw covariate rows, required by a residualising model, ignored otherwise."""
         neuro = self._check_neuro(neuro)
         self._require_fitted()
         with self._no_autocast(neuro):
-            x = self._neuro_frontend(neuro.to(self.neuro_mean.dtype))
+            x = self._neuro_frontend(neuro.to(self.neuro_mean.dtype), covariates)
         features = self.neuro_encoder(x)  # (B, P)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def encode_gene(self, genes: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Raw store rows (B, G, D) [sequence] or (B, D) [single] -> features (B, P)."""
+    def encode_gene(self, genes: torch.Tensor, normalize: bool = True, *, covariates=None) -> torch.Tensor:
+        """Raw store rows (B, G, D) [sequence] or (B, D) [single] -> features (B, P); `covariates` as
+        in encode_neuro."""
         genes = self._check_genes(genes)
         self._require_fitted()
         with self._no_autocast(genes):
-            x = self._gene_frontend(genes.to(self.gene_mean.dtype))
+            x = self._gene_frontend(genes.to(self.gene_mean.dtype), covariates)
         features = self.gene_encoder(x)  # (B, P)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def gene_attention(self, genes: torch.Tensor) -> torch.Tensor:
+    def gene_attention(self, genes: torch.Tensor, covariates=None) -> torch.Tensor:
         """Real gene-gene attention weights, (B, layers, heads, S, S), rows = queries, summing to 1
         over the last (key) axis; S = G, or G + 1 with cls pooling (CLS at index 0). Sequence mode
         only. Call in eval mode (in train mode dropout is applied as in training) under no_grad."""
@@ -481,7 +529,7 @@ class MultiGeneAlignmentModel(nn.Module):
         genes = self._check_genes(genes)
         self._require_fitted()
         with self._no_autocast(genes):
-            x = self._gene_frontend(genes.to(self.gene_mean.dtype))
+            x = self._gene_frontend(genes.to(self.gene_mean.dtype), covariates)
         return self.gene_encoder.forward_with_attention(x)[1]
 
     def gene_input_weight(self) -> nn.Parameter | None:
@@ -503,11 +551,12 @@ class MultiGeneAlignmentModel(nn.Module):
             return siglip_loss(neuro_features, gene_features, self.logit_scale, self.logit_bias)
         return clip_loss(neuro_features, gene_features, self.logit_scale)
 
-    def forward(self, neuro: torch.Tensor, genes: torch.Tensor, return_loss: bool = True) -> dict:
+    def forward(self, neuro: torch.Tensor, genes: torch.Tensor, return_loss: bool = True, *, covariates=None) -> dict:
         """dict(neuro_features (B, P), gene_features (B, P), logits_per_neuro (B, B), logits_per_gene
-        (B, B), logit_scale (the clamped multiplier exp(logit_scale)), loss (None unless return_loss))."""
-        neuro_features = self.encode_neuro(neuro)
-        gene_features = self.encode_gene(genes)
+        (B, B), logit_scale (the clamped multiplier exp(logit_scale)), loss (None unless return_loss)).
+        `covariates` (B, C) as in encode_neuro."""
+        neuro_features = self.encode_neuro(neuro, covariates=covariates)
+        gene_features = self.encode_gene(genes, covariates=covariates)
         scale = exp_logit_scale(self.logit_scale)
         logits_per_neuro = scale * neuro_features @ gene_features.T  # (B, B)
         if self.logit_bias is not None:
@@ -552,6 +601,7 @@ def _resolved(cfg: ModelConfig) -> ModelConfig:
             "transformer_num_layers", "transformer_num_heads", "neuro_pca_dim", "gene_pca_dim")
     cfg = replace(
         cfg,
+        **_residual_fields({"covariate_names": cfg.covariate_names, "residual_terms": cfg.residual_terms}),
         **{name: int(getattr(cfg, name)) for name in ints},
         mode="sequence" if sequence else "single",
         use_transformer=sequence,
@@ -625,6 +675,9 @@ def _validate(cfg: ModelConfig) -> None:
             )
         if cfg.gene_names is not None and len(cfg.gene_names) != cfg.num_genes:
             bad(f"{len(cfg.gene_names)} gene_names given for num_genes={cfg.num_genes}.")
+    if (cfg.residual_terms is None) != (cfg.covariate_names is None) or not set(
+            c for term in cfg.residual_terms or () for c in term) <= set(cfg.covariate_names or ()):
+        bad("residual_terms and covariate_names go together, and every term's columns must be covariate_names.")
     if cfg.latent_shape is not None and math.prod(cfg.latent_shape) != cfg.neuro_input_dim:
         bad(
             f"latent_shape {cfg.latent_shape} has {math.prod(cfg.latent_shape)} values, not "

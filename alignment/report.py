@@ -15,7 +15,7 @@ import numpy as np
 from pipeline.atomic import atomic_write, atomic_write_text
 
 DIRECTION_TITLES = {"neuro_to_gene": "neuro→gene", "gene_to_neuro": "gene→neuro"}
-COLORS = {"model": "C0", "cca": "C1", "pls": "C2", "oracle": "C3", "chance": "0.4"}
+COLORS = {"model": "C0", "cca": "C1", "pls": "C2", "oracle": "C3", "covariates": "C4", "chance": "0.4"}
 REPORT_NAME = "report.md"
 PLOTS = {"topk": "topk_curves.png", "ranks": "rank_histogram.png", "similarity": "similarity.png"}
 
@@ -254,7 +254,9 @@ def report_markdown(metrics: dict, plot_names: dict | None = None) -> str:
     fit_lines = []
     for method in metrics["methods_order"]:
         fit = metrics["methods"][method].get("fit")
-        if fit and method != "oracle":
+        if fit and method == "covariates":
+            fit_lines.append(_covariates_line(metrics["methods"][method]["label"], fit))
+        elif fit and method != "oracle":
             corr = ", ".join(f"{c:.2f}" for c in (fit.get("train_correlations") or [])[:6] if c is not None)
             per_gene = f", {fit['per_gene_dim']} whitened components per gene before the joint PCA" if fit.get("per_gene_dim") else ""
             chosen = ", ".join(f"{k} {v}" for k, v in fit.items() if k in ("alpha", "rank", "brain_dim", "genes_kept")
@@ -271,6 +273,7 @@ def report_markdown(metrics: dict, plot_names: dict | None = None) -> str:
                              "score = its log-likelihood ratio (dot product of its features).")
     if fit_lines:
         lines += ["## Baselines and oracle", "", *fit_lines, ""]
+    lines += ["## Covariates and relatives", "", *[f"- {line}" for line in confound_lines(metrics)], ""]
     if plot_names:
         lines += ["## Plots", ""]
         lines += [f"![{name}]({file})" for name, file in plot_names.items()]
@@ -279,6 +282,25 @@ def report_markdown(metrics: dict, plot_names: dict | None = None) -> str:
         lines += ["## Notes", "", *[f"- {note}" for note in metrics["notes"]], ""]
     lines += ["## How the figures are computed", "", *[f"- {k}: {v}." for k, v in metrics["statistics"].items()], ""]
     return "\n".join(lines)
+
+
+def confound_lines(metrics: dict) -> list[str]:
+    """What was residualised, and whether relatives were kept within one split."""
+    residual = metrics.get("residualize") or {}
+    lines = [residual.get("summary") or "Covariate residualisation not recorded (a checkpoint from before it existed)."]
+    if residual.get("terms"):
+        lines.append(f"Design terms ({len(residual['terms'])}): {', '.join(residual['terms'])}.")
+    note = (metrics.get("relatedness") or {}).get("note")
+    lines.append(note or "Relatedness controlled: relatives were kept within one split (ingest --kinship).")
+    return lines
+
+
+def _covariates_line(label: str, fit: dict) -> str:
+    chosen = ", ".join(f"{k} {fit[k]}" for k in ("alpha", "brain_dim", "rank") if fit.get(k) is not None)
+    val = f"; val top-1 {fit['val_top1']:.3f}" if fit.get("val_top1") is not None else ""
+    return (f"- {label}: the gene side replaced by the subject's covariate design ({len(fit['covariates_design'])} "
+            f"terms), fitted on {fit['n_fit_rows']:,} train subjects; chosen on val: {chosen}{val}. Near chance when the "
+            "brain is residualised on the same covariates; without residualisation it shows what confounds alone retrieve.")
 
 
 # ------------------------------------------------------------------------------------------ plots

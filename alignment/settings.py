@@ -209,6 +209,7 @@ def _resolve_resume(request: TrainRequest) -> Resolved:
         raise GenealignError(f"--resume {run_dir} takes its settings from the saved run; drop --config.")
     saved = _saved_run(run_dir)
     train_saved, model_saved = saved["train"], saved["model"]
+    train_saved.setdefault("residualize", "none")  # a run saved before residualisation existed had none
     if request.store and Path(request.store).resolve() != Path(train_saved["store"]).resolve():
         raise GenealignError(f"--store {request.store} contradicts the saved run ({train_saved['store']}); drop --store to resume.")
     given = {**request.train_flags, **({"mode": request.mode} if request.mode else {})}

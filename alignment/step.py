@@ -50,10 +50,12 @@ def _set_rng_state(device: torch.device, state: tuple) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-def _encode(model, neuro, genes, device, autocast_dtype, loss_dtype):
+def _encode(model, batch, device, autocast_dtype, loss_dtype):
+    neuro, genes, *rest = batch  # rest: the covariates (B, C) of a residualising model's batch
+    covariates = rest[0] if rest else None
     with _autocast(device, autocast_dtype):
-        neuro_features = model.encode_neuro(neuro)  # (B, P)
-        gene_features = model.encode_gene(genes)  # (B, P)
+        neuro_features = model.encode_neuro(neuro, covariates=covariates)  # (B, P)
+        gene_features = model.encode_gene(genes, covariates=covariates)  # (B, P)
     # The loss runs outside autocast on full-precision features (bf16 logits would blur the softmax).
     return neuro_features.to(loss_dtype), gene_features.to(loss_dtype)
 
@@ -91,7 +93,7 @@ def _all_reduce_gradients(model, world: int) -> None:
 
 def contrastive_step(model, micro_batches, *, autocast_dtype=None, distributed=False) -> float:
     """Accumulate into `.grad` the gradient of the contrastive loss over all `micro_batches`
-    (a list of (neuro (B, V), genes (B, G, D) | (B, D)) on the model's device) and, when
+    (a list of (neuro (B, V), genes (B, G, D) | (B, D)[, covariates (B, C)]) on the model's device) and, when
     `distributed`, over all ranks' micro-batches; returns that loss. The caller clips and steps."""
     if not micro_batches:
         raise ValueError("contrastive_step needs at least one micro-batch")
@@ -114,8 +116,7 @@ def contrastive_step(model, micro_batches, *, autocast_dtype=None, distributed=F
     if len(micro_batches) == 1:
         # One micro-batch: no recomputation needed. Encode with grad; under DDP the local features
         # (with their graph) take this rank's slot among the gathered ones.
-        neuro, genes = micro_batches[0]
-        neuro_local, gene_local = _encode(model, neuro, genes, device, autocast_dtype, loss_dtype)  # (B, P)
+        neuro_local, gene_local = _encode(model, micro_batches[0], device, autocast_dtype, loss_dtype)  # (B, P)
         loss = _global_loss(model, neuro_local, gene_local, world, rank)
         loss.backward()
     else:
@@ -139,9 +140,9 @@ def _gradient_cache_step(model, micro_batches, device, autocast_dtype, loss_dtyp
     # Pass 1: features of every micro-batch, no graph kept.
     rng_states, neuro_parts, gene_parts = [], [], []
     with torch.no_grad():
-        for neuro, genes in micro_batches:
+        for batch in micro_batches:
             rng_states.append(_rng_state(device))
-            neuro_features, gene_features = _encode(model, neuro, genes, device, autocast_dtype, loss_dtype)
+            neuro_features, gene_features = _encode(model, batch, device, autocast_dtype, loss_dtype)
             neuro_parts.append(neuro_features)
             gene_parts.append(gene_features)
     rng_after = _rng_state(device)
@@ -158,9 +159,9 @@ def _gradient_cache_step(model, micro_batches, device, autocast_dtype, loss_dtyp
     neuro_grads = neuro_local.grad.split(sizes)
     gene_grads = gene_local.grad.split(sizes)
     try:
-        for k, (neuro, genes) in enumerate(micro_batches):
+        for k, batch in enumerate(micro_batches):
             _set_rng_state(device, rng_states[k])
-            neuro_features, gene_features = _encode(model, neuro, genes, device, autocast_dtype, loss_dtype)
+            neuro_features, gene_features = _encode(model, batch, device, autocast_dtype, loss_dtype)
             torch.autograd.backward([neuro_features, gene_features], [neuro_grads[k], gene_grads[k]])
     finally:
         _set_rng_state(device, rng_after)  # as if each micro-batch had been encoded once

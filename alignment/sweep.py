@@ -39,12 +39,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from alignment.embed import autocast, autocast_dtype, resolve_device
+from alignment.embed import autocast, autocast_dtype, model_covariates, resolve_device
 from alignment.loss import clip_loss, siglip_loss
 from alignment.metrics import DIRECTIONS, chance_levels, chunk_for, retrieval_ranks, val_retrieval
 from alignment.model import ModelConfig, MultiGeneAlignmentModel
 from alignment.settings import fit_batch, load_config, preset_values
-from alignment.train import TrainConfig, frontend_rows, build_model, check_config, lr_at
+from alignment.train import TrainConfig, build_model, check_config, frontend_rows, lr_at, residual_fields
 from pipeline import GenealignError, open_store
 from pipeline.atomic import atomic_write, atomic_write_csv, atomic_write_json, atomic_write_text
 from pipeline.loader import shard_batches
@@ -197,22 +197,26 @@ class _Data:  # every split front-ended: the neuro side once, each gene's side w
     gene_frontend: dict  # state_dict name -> (G, ...) each gene's front-end buffers (gene_mean, ...)
 
 
-def _gene_fitter(model_config: ModelConfig, genes: np.ndarray) -> MultiGeneAlignmentModel:
-    """A single-gene model holding one gene's fitted front-end (gene_mean, gene_std, gene_pca); its neuro
-    side is one constant column, so `fit_frontend` costs only the gene side."""
+def _gene_fitter(model_config: ModelConfig, genes: np.ndarray, covariates) -> MultiGeneAlignmentModel:
+    """A single-gene model holding one gene's fitted front-end (its residualiser, gene_mean, gene_std,
+    gene_pca); its neuro side is one constant column, so `fit_frontend` costs only the gene side."""
     cfg = replace(model_config, neuro_input_dim=1, neuro_pca_dim=0, neuro_hidden_dim=None, latent_shape=None)
     fitter = MultiGeneAlignmentModel.from_config(cfg)
-    fitter.fit_frontend(torch.zeros(len(genes), 1), torch.from_numpy(genes))
+    fitter.fit_frontend(torch.zeros(len(genes), 1), torch.from_numpy(genes), covariates)
     return fitter
 
 
 @torch.no_grad()
-def _front_end(template, fitters, neuro: np.ndarray, genes: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw rows neuro (n, V), genes (n, G, D) -> (n, kN) and (G, n, kG), as the models' encoders see them."""
+def _front_end(template, fitters, neuro: np.ndarray, genes: np.ndarray, device,
+               covariates=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw rows neuro (n, V), genes (n, G, D) and covariates (n, C) (residualising models only) ->
+    (n, kN) and (G, n, kG), as the models' encoders see them."""
     neuro_t, genes_t = torch.from_numpy(neuro), torch.from_numpy(genes)
-    x_neuro = torch.cat([template._neuro_frontend(neuro_t[lo : lo + FRONTEND_ROWS])
+    cov = None if covariates is None else torch.from_numpy(covariates)
+    x_neuro = torch.cat([template._neuro_frontend(neuro_t[lo : lo + FRONTEND_ROWS],
+                                                  None if cov is None else cov[lo : lo + FRONTEND_ROWS])
                          for lo in range(0, len(neuro_t), FRONTEND_ROWS)])  # (n, kN)
-    x_genes = torch.stack([fitter._gene_frontend(genes_t[:, j]) for j, fitter in enumerate(fitters)])  # (G, n, kG)
+    x_genes = torch.stack([fitter._gene_frontend(genes_t[:, j], cov) for j, fitter in enumerate(fitters)])  # (G, n, kG)
     return x_neuro.to(device), x_genes.to(device)
 
 
@@ -228,22 +232,27 @@ def _load(store, gene_indices, template, train: TrainConfig, device, say) -> _Da
         f"x {len(gene_indices)} genes; fitting the front-ends on the train split")
     neuro, genes = _read(store, rows["train"], gene_indices)
     fit = np.searchsorted(rows["train"], frontend_rows(rows["train"], train.frontend_max_rows, train.seed))
-    template.fit_frontend(torch.from_numpy(neuro if len(fit) == len(neuro) else neuro[fit]), torch.from_numpy(genes[fit, 0]))
+    covariates = model_covariates(template, store)  # (N, C) | None
+    cov = {split: None if covariates is None else covariates[rows[split]] for split in SPLITS}
+    cov_fit = None if covariates is None else torch.from_numpy(cov["train"][fit])
+    template.fit_frontend(torch.from_numpy(neuro if len(fit) == len(neuro) else neuro[fit]), torch.from_numpy(genes[fit, 0]),
+                          cov_fit)
     # One thread: each gene's (D, D) eigendecomposition is too small to gain from threads, which
     # only add overhead (much more of it when the cores are busy).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        fitters = [_gene_fitter(template.config, genes[fit, j]) for j in range(len(gene_indices))]
+        fitters = [_gene_fitter(template.config, genes[fit, j], cov_fit) for j in range(len(gene_indices))]
     finally:
         torch.set_num_threads(threads)
     states = [fitter.state_dict() for fitter in fitters]
-    buffers = [name for name in ("gene_mean", "gene_std", "gene_pca") if name in states[0]]
+    buffers = [name for name in ("gene_mean", "gene_std", "gene_pca", "covariate_residualizer.gene_beta")
+               if name in states[0]]
     data = _Data(rows, {}, {}, {name: torch.stack([s[name] for s in states]) for name in buffers})
     for split in SPLITS:
         if split != "train":
             neuro, genes = _read(store, rows[split], gene_indices)
-        data.neuro[split], data.genes[split] = _front_end(template, fitters, neuro, genes, device)
+        data.neuro[split], data.genes[split] = _front_end(template, fitters, neuro, genes, device, cov[split])
     return data
 
 
@@ -645,7 +654,8 @@ def sweep(config: SweepConfig, progress: Callable[[str], None] | None = None) ->
     torch.manual_seed(train.seed)  # as train seeds before it builds the model: every gene's initial weights
     np.random.seed(train.seed)
     explicit = frozenset(config.explicit) & {f.name for f in fields(ModelConfig)}
-    template = build_model(replace(config.model, mode="single"), store, names[:1], len(store.indices("train")), explicit)
+    model_config = replace(config.model, mode="single", **residual_fields(train.residualize, store))
+    template = build_model(model_config, store, names[:1], len(store.indices("train")), explicit)
     data = _load(store, indices, template, train, device, say)
     for path in previous:
         path.unlink(missing_ok=True)

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from alignment.embed import autocast_dtype, embed_model, resolve_device
+from alignment.embed import autocast_dtype, embed_model, model_covariates, resolve_device
 from alignment.loss import group_soft_threshold
 from alignment.metrics import val_retrieval
 from alignment.model import ModelConfig, MultiGeneAlignmentModel, fit_dims
@@ -31,6 +31,7 @@ from alignment.step import contrastive_step
 from pipeline import GenealignError, open_store
 from pipeline.atomic import atomic_write, atomic_write_json, atomic_write_text
 from pipeline.loader import BatchLoader, LoaderConfig
+from pipeline.residualize import describe_setting, design_terms, relatedness_note, select_covariates, term_name
 
 CHECKPOINT_BEST = "best_model.pt"
 CHECKPOINT_LAST = "last.pt"
@@ -80,6 +81,9 @@ class TrainConfig:
     # ramps from the old curve's value to the new cosine so the curve stays continuous.
     lr_restart: tuple | None = None
     log: str = "none"  # 'none' | 'tensorboard': per-epoch figures also go to OUTPUT_DIR/tensorboard
+    # Covariates regressed out of both modalities before the front-end (fitted on train): 'all' (every
+    # stored covariate; nothing for a store without covariates), 'none', or source names 'age,sex'.
+    residualize: str = "all"
 
 
 @dataclass
@@ -96,6 +100,8 @@ class TrainResult:
     placement: str = ""
     device: str = ""
     world_size: int = 1
+    residualized: str = ""  # which covariates were residualised, in words
+    relatedness: str | None = None  # the warning when relatives were not kept within one split
 
 
 @dataclass
@@ -261,10 +267,31 @@ def _model_and_data(config: TrainConfig, model_config: ModelConfig, explicit: fr
             f"The val split of {config.store} has {len(val_rows)} subjects; validation needs at least 2. "
             "Ingest more subjects or raise the val fraction (genealign ingest --split_fractions)."
         )
-    model = build_model(replace(model_config, mode=config.mode), store, gene_names, len(train_rows), explicit)
-    neuro_fit, genes_fit = store.read_rows(frontend_rows(train_rows, config.frontend_max_rows, config.seed), gene_index)
-    model.fit_frontend(torch.from_numpy(neuro_fit), torch.from_numpy(genes_fit))
+    model_config = replace(model_config, mode=config.mode, **residual_fields(config.residualize, store))
+    model = build_model(model_config, store, gene_names, len(train_rows), explicit)
+    fit = frontend_rows(train_rows, config.frontend_max_rows, config.seed)
+    neuro_fit, genes_fit = store.read_rows(fit, gene_index)
+    covariates = model_covariates(model, store)  # (N, C) | None
+    model.fit_frontend(torch.from_numpy(neuro_fit), torch.from_numpy(genes_fit),
+                       covariates=None if covariates is None else torch.from_numpy(covariates[fit]))
     return store, gene_index, gene_names, model, train_rows, val_rows
+
+
+def residual_fields(selection: str, store) -> dict:
+    """ModelConfig's covariate_names / residual_terms for `--residualize selection` on this store."""
+    groups = select_covariates(selection, store.covariate_groups)
+    if not groups:
+        return {"covariate_names": None, "residual_terms": None}
+    return {"covariate_names": tuple(store.covariate_names), "residual_terms": design_terms(groups, store.covariate_groups)}
+
+
+def residual_record(selection: str, store) -> dict:
+    """What config.json / metrics.json say about residualisation and relatives."""
+    groups = select_covariates(selection, store.covariate_groups)
+    terms = design_terms(groups, store.covariate_groups)
+    return {"residualize": {"setting": selection, "covariates": list(groups), "terms": [term_name(t) for t in terms],
+                            "summary": describe_setting(groups, store.covariates is not None)},
+            "relatedness": {**store.relatedness, "note": relatedness_note(store.relatedness)}}
 
 
 def _lasso_scale(config: TrainConfig, model: MultiGeneAlignmentModel) -> float:
@@ -295,7 +322,7 @@ def _setup(config: TrainConfig, model_config: ModelConfig, explicit: frozenset) 
     lasso_scale = _lasso_scale(config, model)
     loader = BatchLoader(
         store, train_rows, LoaderConfig(batch_size=config.batch_size, placement=config.data_placement, seed=config.seed),
-        device=device, gene_index=gene_index, rank=rank, world_size=world,
+        device=device, gene_index=gene_index, rank=rank, world_size=world, covariates=model_covariates(model, store),
     )
     steps_per_epoch = loader.steps_per_epoch // config.gradient_accumulation_steps
     total_steps = steps_per_epoch * config.num_epochs
@@ -314,6 +341,7 @@ def _setup(config: TrainConfig, model_config: ModelConfig, explicit: frozenset) 
             "split_fractions": list(store.attrs.get("split_fractions", [])),
         },
         "runtime": {"world_size": world, "device": str(device), "placement": loader.placement},
+        **residual_record(config.residualize, store),
     }
     return _Run(config, store, gene_index, gene_names, model, loader, optimizer, scheduler, device, rank, world,
                 Path(config.output_dir), full_config, steps_per_epoch, global_batch, lasso_scale, train_rows, val_rows,
@@ -369,8 +397,8 @@ def _train_epoch(run: _Run, epoch: int, progress) -> tuple[list[float], float]:
     config, model, optimizer = run.config, run.model, run.optimizer
     model.train()
     started, losses, micro = time.perf_counter(), [], []
-    for neuro, genes in run.loader.epoch(epoch):
-        micro.append((neuro, genes))
+    for batch in run.loader.epoch(epoch):  # (neuro, genes[, covariates])
+        micro.append(batch)
         if len(micro) < config.gradient_accumulation_steps:
             continue
         try:
@@ -532,6 +560,7 @@ def _finish(run: _Run, state: _State, stopped_early: bool) -> TrainResult:
         best_val=best, epochs_run=state.epoch, stopped_early=stopped_early, history=state.history,
         n_train=len(run.train_rows), n_val=len(run.val_rows), placement=run.loader.placement,
         device=str(run.device), world_size=run.world,
+        residualized=run.full_config["residualize"]["summary"], relatedness=run.full_config["relatedness"]["note"],
     )
 
 

@@ -34,7 +34,9 @@ cohort. It is still every row exactly once per epoch, deterministic from (seed, 
 the others; each rank reads every chunk (the rows of one window are spread over all ranks).
 
 Values are the raw store values as float32: normalisation belongs to the model (`fit_frontend`, which
-uses `pipeline.normalize`).
+uses `pipeline.normalize`). Given `covariates` (the store's (N, C) covariate rows, for a model that
+residualises them) every batch is a triple (neuro, genes, covariates (B, C) float32) with the same
+subjects' covariate rows, whatever the placement; otherwise a pair.
 """
 
 from __future__ import annotations
@@ -168,8 +170,9 @@ class BatchLoader:
     """Shuffled batches of one split for one rank: `for neuro, genes in loader.epoch(e): ...`.
 
     neuro (B, V) float32 and genes (B, G, D) float32 — or (B, D) when `gene_index` is given, in which
-    case only that gene's column is held — on `device`. See the module docstring for the placements,
-    the order and the sharding."""
+    case only that gene's column is held — on `device`; with `covariates` (N, C) (store rows) also
+    their (B, C) rows: `for neuro, genes, covariates in ...`. See the module docstring for the
+    placements, the order and the sharding."""
 
     def __init__(
         self,
@@ -180,6 +183,7 @@ class BatchLoader:
         gene_index: int | None = None,
         rank: int = 0,
         world_size: int = 1,
+        covariates: np.ndarray | None = None,
     ):
         self.store = store
         self.rows = np.asarray(rows, dtype=np.int64)  # (n,) store rows; positions index into this
@@ -195,6 +199,11 @@ class BatchLoader:
             raise GenealignError("shuffle_buffer_chunks and prefetch must be >= 1.")
         _check_gene_index(store, gene_index)
         n = len(self.rows)
+        # (n, C) float32 rows of this loader's subjects: small, so always held, on the device when CUDA.
+        self._covariates = None
+        if covariates is not None:
+            rows_cov = torch.from_numpy(np.ascontiguousarray(np.asarray(covariates, dtype=np.float32)[self.rows]))
+            self._covariates = rows_cov.to(self.device) if self.device.type == "cuda" else rows_cov
         global_batch = config.batch_size * self.world_size
         if n < global_batch and config.drop_last:
             raise GenealignError(
@@ -226,10 +235,19 @@ class BatchLoader:
         """This rank's `steps_per_epoch` batches of epoch `epoch` (a fresh permutation per epoch)."""
         batches, window_of_row = self._plan(epoch)
         if self.placement == "device":
-            return self._device_batches(batches)
-        if self.placement == "memory":
-            return self._memory_batches(batches)
-        return self._stream_batches(batches, window_of_row)
+            pairs = self._device_batches(batches)
+        elif self.placement == "memory":
+            pairs = self._memory_batches(batches)
+        else:
+            pairs = self._stream_batches(batches, window_of_row)
+        return pairs if self._covariates is None else self._with_covariates(pairs, batches)
+
+    def _with_covariates(self, pairs, batches):
+        # Every placement yields batch i with the rows of batches[i] in order; the pairs come first in
+        # zip so a stream generator is run to its end (and its reader thread stopped).
+        for (neuro, genes), positions in zip(pairs, batches):
+            index = torch.from_numpy(positions).to(self._covariates.device)
+            yield neuro, genes, self._covariates.index_select(0, index)  # (B, C)
 
     # -- order ---------------------------------------------------------------------------------------
 

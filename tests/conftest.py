@@ -64,3 +64,33 @@ def make_signal_store():
 def signal_store(tmp_path_factory) -> Path:
     """One known-signal store of 240 subjects shared by the whole session (read-only)."""
     return _make_signal_store(tmp_path_factory.mktemp("signal") / "s.zarr")
+
+
+CONFOUND_COLUMNS = ["age", "sex", "site=site_2", "site=site_3"]
+
+
+def _make_confounded_store(path: Path, n: int = 240, seed: int = 0, confound: float = 3.0) -> Path:
+    """A store whose only link between genes and brain is through covariates: age, sex and site
+    (3 levels, one-hot) drive both modalities (with age^2 and age x sex terms); the gene-brain
+    signal itself is null. Retrieval above chance here is confounding."""
+    from pipeline import write_store
+
+    rng = np.random.default_rng(seed)
+    age = rng.uniform(45, 80, n)
+    sex = rng.integers(0, 2, n).astype(float)
+    site = rng.integers(0, 3, n)
+    covariates = np.column_stack([age, sex, site == 1, site == 2]).astype(np.float32)  # (N, 4)
+    z = (age - 62) / 10
+    basis = np.column_stack([z, sex, site == 1, site == 2, z**2, z * sex])  # (N, 6)
+    genes = rng.normal(size=(n, len(SIGNAL_GENES), 8)) + confound * (basis @ rng.normal(size=(6, len(SIGNAL_GENES) * 8))).reshape(n, -1, 8)
+    neuro = confound * basis @ rng.normal(size=(6, 24)) + rng.normal(size=(n, 24))  # (N, V)
+    iids = [str(2_000_000 + i) for i in range(n)]
+    write_store(path, iids, neuro.reshape(n, 2, 3, 4).astype(np.float32), genes.astype(np.float32), SIGNAL_GENES,
+                split_fractions=(0.6, 0.2, 0.2), chunk_rows=32, covariates=covariates, covariate_names=CONFOUND_COLUMNS)
+    return path
+
+
+@pytest.fixture
+def make_confounded_store():
+    """The confounded store builder (see _make_confounded_store)."""
+    return _make_confounded_store

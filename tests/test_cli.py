@@ -289,3 +289,11 @@ def test_small_latents_and_narrow_embeddings_train_with_default_dimensions(tmp_p
         assert result.exit_code == 0, result.output
     result = run("train", "--store", store, "--output_dir", tmp_path / "x", "--neuro_pca_dim", "256", "--device", "cpu")
     assert_one_line_error(result, "--neuro_pca_dim 256", "64 values")
+
+
+def test_train_residualize_bogus_is_one_line(make_confounded_store, tmp_path):
+    store = make_confounded_store(tmp_path / "c.zarr", n=80)
+    result = run("train", "--store", store, "--residualize", "age,bogus", "--output_dir", tmp_path / "o", "--device", "cpu")
+    assert_one_line_error(result, "--residualize: bogus not among the store's covariates (age, sex, site)")
+    help_text = run("train", "--help").output + run("evaluate", "--help").output
+    assert help_text.count("--residualize") == 2

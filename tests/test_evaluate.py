@@ -268,3 +268,53 @@ def test_external_store_without_train_split_skips_baselines(cohort, sequence_eva
     assert result.metrics["n_subjects"] == view.n_subjects
     assert result.metrics["methods_order"] == ["model", "chance"]
     assert any("Baselines skipped" in note for note in result.metrics["notes"])
+
+
+@pytest.fixture(scope="module")
+def confounded_evals(tmp_path_factory):
+    """One tiny run per residualisation setting on a store whose genes and brain share only confounds."""
+    from conftest import _make_confounded_store
+    from alignment.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("confounded")
+    store = _make_confounded_store(root / "c.zarr")
+    model = ModelConfig(mode="sequence", projection_dim=16, transformer_hidden_dim=16, transformer_num_layers=1,
+                        transformer_num_heads=2, dropout=0.0, neuro_pca_dim=8, gene_pca_dim=4)
+    out = {}
+    for setting in ("all", "none"):
+        run = train(TrainConfig(store=str(store), output_dir=str(root / setting), batch_size=32, num_epochs=1,
+                                device="cpu", residualize=setting), model)
+        out[setting] = run.best_checkpoint, evaluate(EvalConfig(checkpoint=run.best_checkpoint, baselines=("rrr",), **FAST))
+    return store, out
+
+
+def test_covariates_only_row_and_residualised_baselines(confounded_evals):
+    _, evals = confounded_evals
+    top1 = lambda metrics, m: np.mean([metrics["methods"][m]["retrieval"][d]["all"]["top1"]  # noqa: E731
+                                       for d in ("neuro_to_gene", "gene_to_neuro")])
+    on, off = evals["all"][1].metrics, evals["none"][1].metrics
+    chance = 1 / on["n_subjects"]
+    for metrics in (on, off):
+        assert "covariates" in metrics["methods_order"] and "p_value_top1" in metrics["methods"]["covariates"]["retrieval"]["neuro_to_gene"]["all"]
+        assert metrics["relatedness"]["note"].startswith("Relatedness not controlled")
+    assert "brain residualised" in on["methods"]["covariates"]["label"]
+    assert "not residualised" in off["methods"]["covariates"]["label"]
+    # Confounds alone retrieve well; residualised on them, the covariates and rrr rows fall to chance.
+    assert top1(off, "covariates") > 10 * chance and top1(off, "rrr") > 10 * chance
+    assert top1(on, "covariates") < 4 * chance and top1(on, "rrr") < 4 * chance
+    assert on["residualize"]["covariates"] == ["age", "sex", "site"] and off["residualize"]["covariates"] == []
+    report = evals["all"][1].report_path.read_text()
+    assert "covariates only" in report and "Residualised on covariates age, sex, site" in report
+    assert "Relatedness not controlled: the split is by IID hash" in report
+    assert "No covariates residualised (--residualize none)." in evals["none"][1].report_path.read_text()
+
+
+def test_evaluate_residualize_must_match_the_checkpoint(confounded_evals, tmp_path):
+    store, evals = confounded_evals
+    with pytest.raises(GenealignError, match="the model was trained with --residualize all \\(age, sex, site\\)"):
+        evaluate(EvalConfig(checkpoint=evals["all"][0], residualize="none", output_dir=tmp_path / "x", **FAST))
+    with pytest.raises(GenealignError, match="not among the store's covariates"):
+        evaluate(EvalConfig(checkpoint=evals["all"][0], residualize="bogus", output_dir=tmp_path / "x", **FAST))
+    same = evaluate(EvalConfig(checkpoint=evals["none"][0], residualize="none", baselines="none",
+                               output_dir=tmp_path / "ok", **FAST))
+    assert same.metrics["residualize"]["setting"] == "none"

@@ -186,3 +186,17 @@ def test_read_tensors(store):
     np.testing.assert_array_equal(genes.numpy(), want_genes)
     _, one_gene = read_tensors(store, rows, "cpu", gene_index=1)
     np.testing.assert_array_equal(one_gene.numpy(), want_genes[:, 1])
+
+
+@pytest.mark.parametrize("placement", HOST_PLACEMENTS)
+def test_covariates_come_with_the_batch_rows(store, placement):
+    # Covariate i encodes store row i, so each batch's covariates must be exactly its rows'.
+    covariates = np.stack([np.arange(store.n_subjects), -np.arange(store.n_subjects)], axis=1).astype(np.float32)  # (N, 2)
+    config = LoaderConfig(batch_size=16, placement=placement, shuffle_buffer_chunks=3)
+    loader = BatchLoader(store, store.indices("train"), config, torch.device("cpu"), covariates=covariates)
+    batches = list(loader.epoch(1))
+    assert len(batches) == loader.steps_per_epoch > 0
+    for (neuro, _, cov), rows in zip(batches, loader.epoch_rows(1)):
+        np.testing.assert_array_equal(cov.numpy(), covariates[rows])
+        np.testing.assert_array_equal(neuro.numpy(), store.read_rows(rows)[0])
+    assert len(next(iter(loader_for(store, placement).epoch(1)))) == 2  # no covariates: pairs, as before

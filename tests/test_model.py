@@ -402,3 +402,33 @@ def test_fit_dims_rejects_an_explicit_width_the_data_cannot_support():
     ok = fit_dims(replace(cfg, neuro_pca_dim=64), neuro_input_dim=64, gene_input_dim=8, num_genes=12, n_train=500,
                   explicit=frozenset({"neuro_pca_dim", "gene_pca_dim"}))
     assert (ok.neuro_pca_dim, ok.gene_pca_dim) == (64, 8)
+
+
+def test_residualising_model_state_and_errors(tmp_path):
+    from pipeline.residualize import design_terms
+
+    groups = {"age": ["age"], "site": ["site=b"]}
+    config = ModelConfig(neuro_input_dim=6, gene_input_dim=3, projection_dim=4, neuro_pca_dim=3,
+                         covariate_names=("age", "site=b"), residual_terms=design_terms(("age", "site"), groups))
+    model = MultiGeneAlignmentModel(config)
+    g = torch.Generator().manual_seed(0)
+    cov = torch.stack([torch.rand(30, generator=g) * 30 + 50, (torch.rand(30, generator=g) > 0.5).float()], dim=1)  # (n, 2)
+    neuro = torch.randn(30, 6, generator=g) + cov[:, :1] / 10
+    genes = torch.randn(30, 3, generator=g) - cov[:, 1:]
+    with pytest.raises(GenealignError, match="pass covariates="):
+        model.fit_frontend(neuro, genes)
+    model.fit_frontend(neuro, genes, covariates=cov)
+    assert {f"covariate_residualizer.{k}" for k in ("neuro_beta", "gene_beta", "mean", "std")} <= set(model.state_dict())
+    path = tmp_path / "m.pt"
+    torch.save({"config": {"model": model.config.to_dict()}, "model_state_dict": model.state_dict()}, path)
+    loaded = MultiGeneAlignmentModel.from_checkpoint(path)
+    assert loaded.config.residual_terms == config.residual_terms
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_neuro(neuro, covariates=cov), model.eval().encode_neuro(neuro, covariates=cov))
+        assert torch.equal(loaded.encode_gene(genes, covariates=cov), model.encode_gene(genes, covariates=cov))
+        assert loaded(neuro, genes, covariates=cov)["loss"] is not None
+    with pytest.raises(GenealignError, match=r"expects \(30, 2\)"):
+        loaded.encode_gene(genes, covariates=cov[:, :1])
+    plain = MultiGeneAlignmentModel(neuro_input_dim=6, gene_input_dim=3, projection_dim=4)
+    assert not plain.residualizes and not any("beta" in k or "covariate" in k for k in plain.state_dict())
+    assert torch.equal(plain.encode_neuro(neuro, covariates=cov), plain.encode_neuro(neuro))  # ignored

@@ -267,3 +267,39 @@ def test_tensorboard_log_has_the_metrics_jsonl_figures(store, tmp_path):
     logged = [e.value for e in events.Scalars("val_top1_mean")]
     assert logged == pytest.approx([r["val_top1_mean"] for r in history])
     assert set(events.Tags()["scalars"]) >= {"train_loss", "val_loss", "lr", "temperature"}
+
+
+def test_residualised_run_round_trips_and_resume_keeps_the_setting(make_confounded_store, tmp_path):
+    from alignment.embed import embed_model
+    from alignment.settings import TrainRequest, resolve
+    from pipeline import open_store
+
+    path = make_confounded_store(tmp_path / "c.zarr", n=160)
+    result = train(tiny_train(path, tmp_path / "run", num_epochs=1, save_every=0), tiny_model())
+    assert result.residualized.startswith("Residualised on covariates age, sex, site")
+    assert result.relatedness.startswith("Relatedness not controlled")
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["train"]["residualize"] == "all" and saved["residualize"]["covariates"] == ["age", "sex", "site"]
+    assert "age^2" in saved["residualize"]["terms"] and "age*site=site_3" in saved["residualize"]["terms"]
+
+    store = open_store(path)
+    model = MultiGeneAlignmentModel.from_checkpoint(result.best_checkpoint)
+    assert model.residualizes and model.config.covariate_names == tuple(store.covariate_names)
+    rows = store.indices("test")
+    neuro, genes = store.read_rows(rows)
+    cov = torch.from_numpy(store.covariates[rows])
+    with torch.no_grad():
+        mine = (model.encode_neuro(torch.from_numpy(neuro), covariates=cov), model.encode_gene(torch.from_numpy(genes), covariates=cov))
+    used = embed_model(model, store, rows, list(range(store.n_genes)), torch.device("cpu"))  # what evaluate scores
+    for a, b in zip(mine, used):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(GenealignError, match="trained with covariates residualised.*pass covariates="):
+        model.encode_neuro(torch.from_numpy(neuro))
+    # Residualised on the fit rows: brain rows carry no linear trace of the covariates any more.
+    fit = store.indices("train")
+    spec = model.residualizer()
+    resid = model.residualize_neuro(torch.from_numpy(store.read_rows(fit)[0]), torch.from_numpy(store.covariates[fit]))
+    assert np.abs(spec.design(store.covariates[fit]).T @ resid.double().numpy()).max() < 1e-2
+
+    with pytest.raises(GenealignError, match="--residualize none contradicts the saved run \\(all\\)"):
+        resolve(TrainRequest(resume=str(tmp_path / "run"), train_flags={"residualize": "none"}))
