@@ -31,6 +31,9 @@ scores (up to max(brain_dims)) and every gene's whitened PCA scores (up to max(g
 - rcca: CCA with a ridge term on the gene side's covariance (the brain side is already whitened).
 - *_screened (several genes): genes ranked by the val R^2 of a per-gene ridge fitted on train; the
   number kept is one more hyperparameter.
+- qrr_screened (`alignment.baselines_quadratic`): rrr_screened with the pairwise products of the top-q
+  joint principal components of the screened genes' scores added as regressors (q on val): a brain
+  that depends on a product of genetic factors is beyond every linear method here.
 Per-gene width, brain width, alpha, rank (and genes kept) are chosen on the val split by top-1, then
 MRR (mean of both directions). Every method records its val scores, so `Baselines.strongest()` names
 the one to compare the model with.
@@ -55,12 +58,13 @@ from pipeline.normalize import fit_gene_pca, fit_pca, principal_components, zsco
 from pipeline.residualize import ALL, Residualizer, residualizer_for
 from pipeline.store import StoreView
 
-BASELINES = ("cca", "pls", "rrr", "rrr_screened", "rcca", "rcca_screened")
+BASELINES = ("cca", "pls", "rrr", "rrr_screened", "rcca", "rcca_screened", "qrr_screened")
 LABELS = {"cca": "PCA+CCA", "pls": "PCA+PLS", "rrr": "reduced-rank ridge", "rrr_screened": "reduced-rank ridge, screened genes",
           "rcca": "regularised CCA", "rcca_screened": "regularised CCA, screened genes",
+          "qrr_screened": "quadratic ridge, screened genes",
           "covariates": "covariates only (reduced-rank ridge, covariates → brain)"}
-REGRESSION = ("rrr", "rrr_screened", "rcca", "rcca_screened")
-SCREENED = ("rrr_screened", "rcca_screened")
+REGRESSION = ("rrr", "rrr_screened", "rcca", "rcca_screened", "qrr_screened")
+SCREENED = ("rrr_screened", "rcca_screened", "qrr_screened")
 # The joint PCA runs on whitened per-gene scores, whose spectrum is flat: the randomized PCA needs
 # more power iterations there than the model's front-end does on raw latents.
 POWER_ITERATIONS = 4
@@ -80,6 +84,7 @@ class BaselineConfig:
     alphas: tuple = (0.01, 0.1, 1.0, 10.0)  # ridge strength / rcca regularisation, in units of n_train
     ranks: tuple = (2, 4, 8, 16, 32)
     genes_kept: tuple = (4, 8, 16, 32)  # screened variants: number of best-ranked genes kept
+    quadratic_pcs: tuple = (8, 16, 24)  # qrr_screened: joint components whose pairwise products are added
 
 
 # ------------------------------------------------------------------------------------ reading rows
@@ -413,6 +418,10 @@ def _gene_order(train: tuple, val: tuple, n_genes: int, width: int) -> np.ndarra
 def fit_regression(name: str, train: tuple, val: tuple, n_genes: int, config: BaselineConfig,
                    offsets: tuple, dims: tuple) -> FittedBaseline:
     """rrr / rcca [screened]: train (x, y) and val (x, y) are the whitened per-gene and brain scores."""
+    if name == "qrr_screened":  # imported here: that module builds on this one's classes
+        from alignment.baselines_quadratic import fit_quadratic
+
+        return fit_quadratic(train, val, n_genes, config, offsets, dims)
     kind = name.split("_")[0]
     with threadpool_limits(limits=1, user_api="blas"):
         if name in SCREENED:
@@ -548,3 +557,32 @@ def fit_covariate_baseline(store: StoreView, train_rows, config: BaselineConfig 
     chosen = {"alpha": alpha, "brain_dim": p, "rank": r, "val_top1": top1, "val_mrr": mrr}
     fitted = FittedBaseline("covariates", None, r, correlations, [], slice(None), slice(None), neuro_map, gene_map, chosen)
     return CovariateBaseline(design, mean, std, whitening[:, :p], fitted, len(rows))
+
+
+def rank_genes(store: StoreView, train_rows: np.ndarray, gene_indices, config: BaselineConfig = BaselineConfig(),
+               device: torch.device | str = "cpu", inputs=None) -> list[int]:
+    """Store gene indices, best first, as the screened baselines rank them: the val R^2 of a per-gene
+    ridge from the gene's whitened PCA scores to the brain's, fitted on (at most fit_max_rows of) the
+    train rows. `genealign train --screen_genes K` keeps the first K."""
+    rows, val_rows = fit_rows(train_rows, config.fit_max_rows, config.seed), store.indices("val")
+    gene_indices = list(gene_indices)
+    if len(rows) < 4 or len(val_rows) < 2:
+        raise GenealignError(f"Screening genes needs at least 4 train and 2 val subjects in {store.path} "
+                             f"({len(rows)} and {len(val_rows)}); drop --screen_genes.")
+    neuro, genes = _read_all(store, np.sort(rows), gene_indices, 512, inputs)  # (n, V), (n, G, D)
+    generator = torch.Generator(device=torch.device(device)).manual_seed(config.seed + 1)
+    big, k = (min(max(dims), width, len(rows) - 1) for dims, width in
+              ((config.brain_dims, store.neuro_dim), (config.gene_dims, store.embedding_dim)))
+    brain = [t.cpu().numpy() for t in fit_pca(torch.from_numpy(neuro).to(device), big, generator, True, POWER_ITERATIONS)]
+    per_gene = [t.cpu().numpy() for t in fit_gene_pca(torch.from_numpy(genes).to(device), k)]  # (G, D) x2, (G, D, K)
+
+    def scores(neuro, genes):  # brain (n, P), genes (n, G K): the whitened scores rrr regresses
+        x = np.einsum("ngd,gdk->ngk", zscore(genes, per_gene[0], per_gene[1]), per_gene[2]).reshape(len(genes), -1)
+        return x, zscore(neuro, brain[0], brain[1]) @ brain[2]
+
+    train = scores(neuro, genes)
+    del neuro, genes
+    val = scores(*_read_all(store, val_rows, gene_indices, 512, inputs))
+    with threadpool_limits(limits=1, user_api="blas"):
+        order = _gene_order(train, val, len(gene_indices), per_gene[2].shape[2])
+    return [gene_indices[j] for j in order.tolist()]

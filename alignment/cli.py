@@ -303,6 +303,10 @@ class _TrainProgress:
                 f"{event['placement']}: {event['n_train']:,} train / {event['n_val']:,} val subjects, "
                 f"optimizer batch {event['global_batch']}, {self.steps} steps per epoch."
             )
+            screening = event.get("screening")
+            if screening:
+                console.print(f"Screened genes ({screening['by']}): kept {len(screening['kept'])} of "
+                              f"{len(screening['ranked'])}: {', '.join(screening['kept'])}.", markup=False, highlight=False)
             self.progress.start()
         elif kind == "step":
             if self.task is None:
@@ -356,6 +360,9 @@ def train(
     neuro_pca_dim: Annotated[Optional[int], opt("neuro_pca_dim", "Latent PCA-whitening width, fitted on train (0 = off). Preset values are capped to fit the data.", M)] = None,
     gene_pca_dim: Annotated[Optional[int], opt("gene_pca_dim", "Per-gene PCA-whitening width (0 = off). Capped like --neuro-pca-dim.", M)] = None,
     gene_projection: Annotated[Optional[str], opt("gene_projection", "Sequence input projection: per_gene or shared (the seed's).", M)] = None,
+    gene_head: Annotated[Optional[str], opt("gene_head", "Sequence read-out: linear (the seed's) or quadratic (+ pairwise products). " + _PRESET_HELP, M)] = None,
+    screen_genes: Annotated[Optional[int], opt("screen_genes", "Sequence: keep the K genes a per-gene ridge ranks best on val (0 = all). " + _PRESET_HELP, T)] = None,
+    gene_projection_init_pca: Annotated[Optional[int], opt("gene_projection_init_pca", "Sequence: start Q columns of each gene's input map from joint train PCs (0 = off). " + _PRESET_HELP, T)] = None,
     batch_size: Annotated[Optional[int], opt("batch_size", "Subjects per micro-batch per process. " + _PRESET_HELP, T)] = None,
     num_epochs: Annotated[Optional[int], opt("num_epochs", "Epochs. " + _PRESET_HELP, T)] = None,
     learning_rate: Annotated[Optional[float], opt("learning_rate", "Peak learning rate (AdamW). " + _PRESET_HELP, T)] = None,
@@ -465,7 +472,7 @@ def evaluate(
     draws: Annotated[int, opt("draws", "Random pools drawn per pool size.", "Retrieval")] = 30,
     bootstrap: Annotated[int, opt("bootstrap", "Bootstrap resamples for the 95% intervals.", "Retrieval")] = 1000,
     permutations: Annotated[int, opt("permutations", "Pairing permutations for the p-value.", "Retrieval")] = 1000,
-    baselines: Annotated[str, opt("baselines", "Baselines fitted on train: all, none, or some of cca, pls, rrr, rrr_screened, rcca, rcca_screened.", "Retrieval")] = "all",
+    baselines: Annotated[str, opt("baselines", "Baselines fitted on train: all, none, or some of cca, pls, rrr, rrr_screened, rcca, rcca_screened, qrr_screened.", "Retrieval")] = "all",
     residualize: Annotated[Optional[str], opt("residualize", "Covariate residualisation of baselines and oracle: default the checkpoint's; if given it must match it (all, none, or names).", "Retrieval")] = None,
     oracle: Annotated[bool, flag("oracle", "Add the generator's oracle (stores made by `genealign synth`).", "Retrieval")] = True,
     seed: Annotated[int, opt("seed", "Seed of pools, bootstrap and permutations.", "Retrieval")] = 0,

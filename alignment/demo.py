@@ -218,7 +218,8 @@ def _gene_lines(sweep_dir: Path, explain_dir: Path) -> list[str]:
         with open(path, newline="") as handle:
             rows = sorted(csv.DictReader(handle), key=lambda r: int(r["rank"]))
         top = ", ".join(f"{r['gene']}" + (" (q<0.05)" if float(r["q_value"]) < 0.05 else "") for r in rows[:12])
-        lines.append(f"Top 12 genes, {title}: {top}.")
+        of = f"{len(rows)} genes the model kept" if "explain" in title else f"{len(rows)} genes"
+        lines.append(f"Top {min(12, len(rows))} of the {of}, {title}: {top}.")
     return lines
 
 

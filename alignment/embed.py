@@ -9,6 +9,7 @@ covariates gets each subject's covariate row from the store (`model_covariates`)
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import numpy as np
 import torch
@@ -93,3 +94,23 @@ def embed_model(
                 gene_out[at] = model.encode_gene(genes_t, covariates=cov_t).float()  # (b, P)
     model.train(was_training)
     return neuro_out, gene_out
+
+
+def residual_inputs(model, store) -> Callable | None:
+    """`inputs(rows, neuro, genes) -> (neuro, genes)` for the baselines: raw store rows through the
+    model's own residualiser (genes may be None), or None when the model residualises nothing."""
+    covariates = model_covariates(model, store)  # (N, C) | None
+    if covariates is None:
+        return None
+    device, gene_shape = model.logit_scale.device, tuple(model.covariate_residualizer.gene_beta.shape[1:])
+
+    @torch.no_grad()
+    def inputs(rows, neuro, genes):
+        cov = torch.from_numpy(covariates[rows]).to(device)  # (b, C)
+        neuro = model.residualize_neuro(torch.from_numpy(neuro).to(device), cov).cpu().numpy()  # (b, V)
+        if genes is not None:  # (b, G', D): (b, 1, D) for a single-gene model, whose beta is (K, D)
+            g = torch.from_numpy(genes).to(device)
+            genes = model.residualize_genes(g.reshape(len(g), *gene_shape), cov).reshape(g.shape).cpu().numpy()
+        return neuro, genes
+
+    return inputs

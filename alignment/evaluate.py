@@ -35,7 +35,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from alignment.embed import embed_model, model_covariates, resolve_device
+from alignment.embed import embed_model, model_covariates, residual_inputs, resolve_device
 from alignment.baselines import (BASELINES, LABELS, BaselineConfig, fit_baselines, fit_covariate_baseline, fit_rows,
                                  read_batches)
 from alignment.metrics import CI_LEVEL, chance_figures, method_metrics
@@ -274,26 +274,6 @@ def oracle_features(truth: dict, store, rows, gene_indices) -> tuple[np.ndarray,
         neuro_parts.append(neuro_side)
         gene_parts.append(gene_side)
     return np.concatenate(neuro_parts), np.concatenate(gene_parts)
-
-
-def residual_inputs(model, store) -> Callable | None:
-    """`inputs(rows, neuro, genes) -> (neuro, genes)` for the baselines: raw store rows through the
-    model's own residualiser (genes may be None), or None when the model residualises nothing."""
-    covariates = model_covariates(model, store)  # (N, C) | None
-    if covariates is None:
-        return None
-    device, gene_shape = model.logit_scale.device, tuple(model.covariate_residualizer.gene_beta.shape[1:])
-
-    @torch.no_grad()
-    def inputs(rows, neuro, genes):
-        cov = torch.from_numpy(covariates[rows]).to(device)  # (b, C)
-        neuro = model.residualize_neuro(torch.from_numpy(neuro).to(device), cov).cpu().numpy()  # (b, V)
-        if genes is not None:  # (b, G', D): (b, 1, D) for a single-gene model, whose beta is (K, D)
-            g = torch.from_numpy(genes).to(device)
-            genes = model.residualize_genes(g.reshape(len(g), *gene_shape), cov).reshape(g.shape).cpu().numpy()
-        return neuro, genes
-
-    return inputs
 
 
 def residual_setting(config: EvalConfig, model, ckpt_config: dict, store) -> dict:

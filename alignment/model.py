@@ -36,10 +36,9 @@ at 100 inside `alignment.loss` (see there). With loss='siglip' a learnable `logi
 added, and logit_scale starts at ln 10 as in the SigLIP paper when `logit_scale_init` is left at the
 CLIP default 2.6592 (any other value is used as given).
 
-Attention. PyTorch's encoder layer calls attention with need_weights=False, so the seed's forward
-hook received None. `gene_attention(genes)` runs the same layers step by step with need_weights=True
-and returns the real weights, (B, layers, heads, S, S) with S = G (G + 1 with cls pooling, the CLS
-token at index 0).
+Attention. PyTorch's encoder layer calls attention with need_weights=False (the seed's forward hook
+got None); `gene_attention(genes)` runs the layers step by step with need_weights=True and returns
+the real weights, (B, layers, heads, S, S), S = G (G + 1 with cls pooling, CLS at index 0).
 """
 
 from __future__ import annotations
@@ -52,13 +51,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from alignment.loss import (
-    SIGLIP_LOGIT_BIAS_INIT,
-    SIGLIP_LOGIT_SCALE_INIT,
-    clip_loss,
-    exp_logit_scale,
-    siglip_loss,
-)
+from alignment.loss import SIGLIP_LOGIT_BIAS_INIT, SIGLIP_LOGIT_SCALE_INIT, clip_loss, exp_logit_scale, siglip_loss
+from alignment.encoders import GENE_HEADS, GeneSequenceEncoder, PerGeneLinear, SinusoidalPositionalEncoding  # noqa: F401
 from pipeline.errors import GenealignError
 from pipeline.normalize import fit_gene_pca, fit_pca, zscore
 from pipeline.residualize import CovariateResidualizer, Residualizer
@@ -96,6 +90,9 @@ class ModelConfig:
     # (each gene its own Linear, so the model can weigh causal genes and silence noise genes before
     # pooling instead of relying on positions to tell genes apart).
     gene_projection: str = "shared"
+    # Sequence mode's read-out of the pooled features: 'linear' (the seed's) or 'quadratic' (plus a
+    # linear map of their pairwise products; `alignment.encoders`).
+    gene_head: str = "linear"
     gene_names: tuple[str, ...] | None = None
     latent_shape: tuple[int, ...] | None = None
     # Covariate residualisation (`pipeline.residualize`), fitted by fit_frontend before z-scoring/PCA:
@@ -137,19 +134,18 @@ class ModelConfig:
                 f"Model config has unknown keys {unknown} (known: {sorted(known)}); the checkpoint was "
                 "written by another genealign version: retrain or load it with that version."
             )
-        values = dict(data)
-        if values.get("gene_names") is not None:
-            values["gene_names"] = tuple(str(g) for g in values["gene_names"])
-        if values.get("latent_shape") is not None:
-            values["latent_shape"] = tuple(int(s) for s in values["latent_shape"])
-        return cls(**_residual_fields(values))
+        return cls(**_as_tuples(data))
 
 
-def _residual_fields(values: dict) -> dict:
-    """`values` with covariate_names / residual_terms as tuples (they arrive as JSON lists)."""
+TUPLE_FIELDS = (("gene_names", str), ("latent_shape", int), ("covariate_names", str))
+
+
+def _as_tuples(values: dict) -> dict:
+    """`values` with the config's tuple fields as tuples of their type (they arrive as JSON lists)."""
     values = dict(values)
-    if values.get("covariate_names") is not None:
-        values["covariate_names"] = tuple(str(c) for c in values["covariate_names"])
+    for key, cast in TUPLE_FIELDS:
+        if values.get(key) is not None:
+            values[key] = tuple(cast(v) for v in values[key])
     if values.get("residual_terms") is not None:
         values["residual_terms"] = tuple(tuple(str(c) for c in term) for term in values["residual_terms"])
     return values
@@ -175,113 +171,6 @@ def _projection_head(in_dim: int, out_dim: int, hidden_dim: int | None, dropout:
         nn.Dropout(dropout),
         nn.Linear(hidden_dim, out_dim, bias=False),
     )
-
-
-class SinusoidalPositionalEncoding(nn.Module):
-    """x + PE[:S], PE[pos, 2i] = sin(pos / 10000^(2i/H)), PE[pos, 2i+1] = cos(...), then dropout.
-    Sized for exactly the sequence the model sees (G genes, +1 with a CLS token); not in state_dict."""
-
-    def __init__(self, hidden_dim: int, length: int, dropout: float):
-        super().__init__()
-        position = torch.arange(length, dtype=torch.float64)[:, None]  # (S, 1)
-        div = torch.exp(torch.arange(0, hidden_dim, 2, dtype=torch.float64) * (-math.log(10000.0) / hidden_dim))
-        pe = torch.zeros(length, hidden_dim, dtype=torch.float64)  # (S, H)
-        pe[:, 0::2] = torch.sin(position * div)
-        pe[:, 1::2] = torch.cos(position * div[: hidden_dim // 2])
-        self.register_buffer("pe", pe.float(), persistent=False)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, S, H)
-        return self.dropout(x + self.pe[: x.shape[1]].to(x.dtype))
-
-
-class PerGeneLinear(nn.Module):
-    """(B, G, d_in) -> (B, G, H) with a separate affine map per gene: weight (G, d_in, H), bias (G, H)."""
-
-    def __init__(self, num_genes: int, in_dim: int, out_dim: int):
-        super().__init__()
-        self.in_features, self.out_features = in_dim, out_dim
-        self.weight = nn.Parameter(torch.empty(num_genes, in_dim, out_dim))
-        self.bias = nn.Parameter(torch.zeros(num_genes, out_dim))
-        bound = math.sqrt(6.0 / (in_dim + out_dim))  # xavier-uniform of each gene's (d_in, H) map
-        nn.init.uniform_(self.weight, -bound, bound)
-
-    def forward(self, genes: torch.Tensor) -> torch.Tensor:  # (B, G, d_in)
-        return torch.einsum("bgd,gdh->bgh", genes, self.weight) + self.bias  # (B, G, H)
-
-
-def _gene_input_layer(kind: str, num_genes: int, in_dim: int, hidden_dim: int) -> nn.Module:
-    if kind == "per_gene":
-        return PerGeneLinear(num_genes, in_dim, hidden_dim)
-    return nn.Linear(in_dim, hidden_dim)
-
-
-class GeneSequenceEncoder(nn.Module):
-    """(B, G, d_in) -> (B, P), unnormalised: input projection, position, transformer, pooling, LN, head."""
-
-    def __init__(
-        self,
-        input_dim: int,
-        num_genes: int,
-        hidden_dim: int,
-        num_layers: int,
-        num_heads: int,
-        pooling: str,
-        projection_dim: int,
-        dropout: float,
-        gene_projection: str = "shared",
-    ):
-        super().__init__()
-        self.pooling = pooling
-        self.input_projection = _gene_input_layer(gene_projection, num_genes, input_dim, hidden_dim)
-        if pooling == "cls":
-            self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_dim))
-        self.positional_encoding = SinusoidalPositionalEncoding(
-            hidden_dim, num_genes + (1 if pooling == "cls" else 0), dropout
-        )
-        layer = nn.TransformerEncoderLayer(
-            d_model=hidden_dim,
-            nhead=num_heads,
-            dim_feedforward=4 * hidden_dim,
-            dropout=dropout,
-            activation="gelu",
-            batch_first=True,
-            norm_first=False,  # post-norm, as the seed
-        )
-        self.transformer = nn.TransformerEncoder(layer, num_layers=num_layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(hidden_dim)
-        self.projection = nn.Linear(hidden_dim, projection_dim, bias=False)
-
-    def _embed(self, genes: torch.Tensor) -> torch.Tensor:
-        x = self.input_projection(genes)  # (B, G, H)
-        if self.pooling == "cls":
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, G+1, H)
-        return self.positional_encoding(x)
-
-    def _pool(self, x: torch.Tensor) -> torch.Tensor:  # (B, S, H) -> (B, P)
-        if self.pooling == "mean":
-            pooled = x.mean(dim=1)
-        elif self.pooling == "max":
-            pooled = x.max(dim=1).values
-        else:
-            pooled = x[:, 0]
-        return self.projection(self.norm(pooled))
-
-    def forward(self, genes: torch.Tensor) -> torch.Tensor:  # (B, G, d_in)
-        return self._pool(self.transformer(self._embed(genes)))
-
-    def forward_with_attention(self, genes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Same output as forward, computed layer by layer with the attention weights kept:
-        ((B, P), (B, L, heads, S, S)). Mirrors nn.TransformerEncoderLayer's post-norm path."""
-        x = self._embed(genes)  # (B, S, H)
-        weights = []
-        for layer in self.transformer.layers:
-            attended, w = layer.self_attn(x, x, x, need_weights=True, average_attn_weights=False)  # w (B, h, S, S)
-            x = layer.norm1(x + layer.dropout1(attended))
-            ff = layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))
-            x = layer.norm2(x + layer.dropout2(ff))
-            weights.append(w)
-        return self._pool(x), torch.stack(weights, dim=1)
 
 
 class MultiGeneAlignmentModel(nn.Module):
@@ -329,6 +218,7 @@ class MultiGeneAlignmentModel(nn.Module):
                 cfg.projection_dim,
                 cfg.dropout,
                 cfg.gene_projection,
+                cfg.gene_head,
             )
         else:
             self.gene_encoder = nn.Linear(k_gene or cfg.gene_input_dim, cfg.projection_dim, bias=False)
@@ -601,15 +491,13 @@ def _resolved(cfg: ModelConfig) -> ModelConfig:
             "transformer_num_layers", "transformer_num_heads", "neuro_pca_dim", "gene_pca_dim")
     cfg = replace(
         cfg,
-        **_residual_fields({"covariate_names": cfg.covariate_names, "residual_terms": cfg.residual_terms}),
+        **_as_tuples({key: getattr(cfg, key) for key in ("gene_names", "latent_shape", "covariate_names", "residual_terms")}),
         **{name: int(getattr(cfg, name)) for name in ints},
         mode="sequence" if sequence else "single",
         use_transformer=sequence,
         neuro_hidden_dim=int(cfg.neuro_hidden_dim) if cfg.neuro_hidden_dim else None,
         dropout=float(cfg.dropout),
         logit_scale_init=logit_scale_init,
-        gene_names=tuple(str(g) for g in cfg.gene_names) if cfg.gene_names is not None else None,
-        latent_shape=tuple(int(s) for s in cfg.latent_shape) if cfg.latent_shape is not None else None,
     )
     _validate(cfg)
     return cfg
@@ -634,7 +522,8 @@ def _adopt_frontend(model: MultiGeneAlignmentModel, state_dict, prefix: str, *_)
         gene_pca_dim=int(gene_pca.shape[-1]) if gene_pca is not None and gene_pca.dim() == model.gene_mean.dim() + 1 else 0,
     )
     if cfg.use_transformer and projection is not None:
-        derived = replace(derived, gene_projection="per_gene" if projection.dim() == 3 else "shared")
+        derived = replace(derived, gene_projection="per_gene" if projection.dim() == 3 else "shared",
+                          gene_head="quadratic" if prefix + "gene_encoder.quadratic.weight" in state_dict else "linear")
     if derived != cfg:
         like = model.logit_scale
         fresh = type(model)(derived).to(device=like.device, dtype=like.dtype)
@@ -658,6 +547,8 @@ def _validate(cfg: ModelConfig) -> None:
         bad(f"transformer_pooling {cfg.transformer_pooling!r} is not one of {POOLINGS}.")
     if cfg.gene_projection not in ("shared", "per_gene"):
         bad(f"gene_projection {cfg.gene_projection!r} is not one of ('shared', 'per_gene').")
+    if cfg.gene_head not in GENE_HEADS:
+        bad(f"gene_head {cfg.gene_head!r} is not one of {GENE_HEADS}.")
     for name in ("neuro_input_dim", "gene_input_dim", "num_genes", "projection_dim"):
         if getattr(cfg, name) < 1:
             bad(f"{name} must be >= 1, got {getattr(cfg, name)}.")

@@ -259,8 +259,8 @@ def report_markdown(metrics: dict, plot_names: dict | None = None) -> str:
         elif fit and method != "oracle":
             corr = ", ".join(f"{c:.2f}" for c in (fit.get("train_correlations") or [])[:6] if c is not None)
             per_gene = f", {fit['per_gene_dim']} whitened components per gene before the joint PCA" if fit.get("per_gene_dim") else ""
-            chosen = ", ".join(f"{k} {v}" for k, v in fit.items() if k in ("alpha", "rank", "brain_dim", "genes_kept")
-                               and v is not None)
+            chosen = ", ".join(f"{k} {v}" for k, v in fit.items() if k in ("alpha", "rank", "brain_dim", "genes_kept",
+                                                                             "quadratic_pcs") and v is not None)
             val = f"; val top-1 {fit['val_top1']:.3f}" if fit.get("val_top1") is not None else ""
             strongest = " **(strongest on val)**" if fit.get("strongest_on_val") else ""
             fit_lines.append(

@@ -27,6 +27,7 @@ from alignment.embed import autocast_dtype, embed_model, model_covariates, resol
 from alignment.loss import group_soft_threshold
 from alignment.metrics import val_retrieval
 from alignment.model import ModelConfig, MultiGeneAlignmentModel, fit_dims
+from alignment.screening import init_gene_projection, screened_store
 from alignment.step import contrastive_step
 from pipeline import GenealignError, open_store
 from pipeline.atomic import atomic_write, atomic_write_json, atomic_write_text
@@ -84,6 +85,10 @@ class TrainConfig:
     # Covariates regressed out of both modalities before the front-end (fitted on train): 'all' (every
     # stored covariate; nothing for a store without covariates), 'none', or source names 'age,sex'.
     residualize: str = "all"
+    # Sequence mode (`alignment.screening`): keep the K genes a per-gene ridge ranks best on val (0 =
+    # every gene), and start the first Q columns of each gene's input map from joint PCs (0 = off).
+    screen_genes: int = 0
+    gene_projection_init_pca: int = 0
 
 
 @dataclass
@@ -175,6 +180,10 @@ def check_config(config: TrainConfig) -> None:
         (0 <= config.warmup_fraction < 1, f"--warmup_fraction must be in [0, 1), got {config.warmup_fraction}."),
         (config.patience >= 0 and config.save_every >= 0, "--patience and --save_every must be >= 0."),
         (config.gene_group_lasso >= 0, f"--gene_group_lasso must be >= 0, got {config.gene_group_lasso}."),
+        (config.screen_genes >= 0 and config.gene_projection_init_pca >= 0,
+         "--screen_genes and --gene_projection_init_pca must be >= 0."),
+        (config.mode == "sequence" or not (config.screen_genes or config.gene_projection_init_pca),
+         "--screen_genes and --gene_projection_init_pca apply to --mode sequence."),
         (config.log in ("none", "tensorboard"), f"--log {config.log!r} is not a logger: use tensorboard (or leave it out)."),
     ]
     for ok, message in checks:
@@ -268,13 +277,19 @@ def _model_and_data(config: TrainConfig, model_config: ModelConfig, explicit: fr
             "Ingest more subjects or raise the val fraction (genealign ingest --split_fractions)."
         )
     model_config = replace(model_config, mode=config.mode, **residual_fields(config.residualize, store))
-    model = build_model(model_config, store, gene_names, len(train_rows), explicit)
     fit = frontend_rows(train_rows, config.frontend_max_rows, config.seed)
+    screening = None
+    if 0 < config.screen_genes < store.n_genes:
+        store, screening = screened_store(store, config.screen_genes, fit, model_config, build_model)
+        gene_names = tuple(store.gene_names)
+    model = build_model(model_config, store, gene_names, len(train_rows), explicit)
     neuro_fit, genes_fit = store.read_rows(fit, gene_index)
     covariates = model_covariates(model, store)  # (N, C) | None
-    model.fit_frontend(torch.from_numpy(neuro_fit), torch.from_numpy(genes_fit),
-                       covariates=None if covariates is None else torch.from_numpy(covariates[fit]))
-    return store, gene_index, gene_names, model, train_rows, val_rows
+    cov_fit = None if covariates is None else torch.from_numpy(covariates[fit])
+    model.fit_frontend(torch.from_numpy(neuro_fit), torch.from_numpy(genes_fit), covariates=cov_fit)
+    if config.gene_projection_init_pca:
+        init_gene_projection(model, torch.from_numpy(genes_fit), config.gene_projection_init_pca, cov_fit)
+    return store, gene_index, gene_names, model, train_rows, val_rows, screening
 
 
 def residual_fields(selection: str, store) -> dict:
@@ -311,7 +326,7 @@ def _setup(config: TrainConfig, model_config: ModelConfig, explicit: frozenset) 
     device = resolve_device(config.device, local_rank)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
-    store, gene_index, gene_names, model, train_rows, val_rows = _model_and_data(config, model_config, explicit)
+    store, gene_index, gene_names, model, train_rows, val_rows, screening = _model_and_data(config, model_config, explicit)
     global_batch = config.batch_size * config.gradient_accumulation_steps * world
     if len(train_rows) < global_batch:
         raise GenealignError(
@@ -342,6 +357,7 @@ def _setup(config: TrainConfig, model_config: ModelConfig, explicit: frozenset) 
         },
         "runtime": {"world_size": world, "device": str(device), "placement": loader.placement},
         **residual_record(config.residualize, store),
+        **({"screening": screening} if screening else {}),
     }
     return _Run(config, store, gene_index, gene_names, model, loader, optimizer, scheduler, device, rank, world,
                 Path(config.output_dir), full_config, steps_per_epoch, global_batch, lasso_scale, train_rows, val_rows,
@@ -531,7 +547,7 @@ def train(config: TrainConfig, model_config: ModelConfig, progress: Callable[[di
         progress({"event": "start", "total_epochs": config.num_epochs, "steps_per_epoch": run.steps_per_epoch,
                   "n_train": len(run.train_rows), "n_val": len(run.val_rows), "placement": run.loader.placement,
                   "device": str(run.device), "world_size": run.world, "start_epoch": state.epoch + 1,
-                  "global_batch": run.global_batch})
+                  "global_batch": run.global_batch, "screening": run.full_config.get("screening")})
     stopped_early = False
     for epoch in range(state.epoch + 1, config.num_epochs + 1):
         started = time.perf_counter()

@@ -61,6 +61,9 @@ def suggest(trial, mode: str) -> tuple[dict, dict]:
     }
     if mode == "sequence":
         training["gene_group_lasso"] = trial.suggest_float("gene_group_lasso", 0.0, 0.6)
+        # Issue #12's recipe: how many genes to screen and how many joint PCs start the input maps.
+        training["screen_genes"] = trial.suggest_categorical("screen_genes", [8, 12, 16, 0])
+        training["gene_projection_init_pca"] = trial.suggest_categorical("gene_projection_init_pca", [0, 12, 16, 24])
     return model, training
 
 

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import GenealignError
-from pipeline.store import StoreView, gene_shape, read_into, row_blocks
+from pipeline.store import StoreView, gene_shape, read_genes, read_into, row_blocks
 
 PLACEMENTS = ("auto", "device", "memory", "stream")
 # Bytes zarr is asked for in one call when loading a split: a few chunks, read concurrently by zarr.
@@ -375,8 +375,7 @@ class BatchLoader:
                         lo, hi = chunk * c, min((chunk + 1) * c, store.n_subjects)
                         at = slice(slot * c, slot * c + hi - lo)
                         read_into(store.neuro, slice(lo, hi), buffer_neuro[at])
-                        genes_at = slice(lo, hi) if self.gene_index is None else (slice(lo, hi), self.gene_index)
-                        read_into(store.genes, genes_at, buffer_genes[at])
+                        read_genes(store, slice(lo, hi), self.gene_index, buffer_genes[at])
                     at = np.searchsorted(chunks, rows // c) * c + rows % c  # (m,) buffer row of each row
                     neuro = np.take(buffer_neuro.reshape(len(buffer_neuro), -1), at, axis=0)  # (m, V)
                     genes = np.take(buffer_genes.reshape(len(buffer_genes), -1), at, axis=0)  # (m, G*D) | (m, D)

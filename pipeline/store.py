@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -95,6 +95,15 @@ class StoreView:
     attrs: dict
     covariates: np.ndarray | None = None  # (N, C) float32, None when the store has none
     covariate_names: tuple[str, ...] = ()  # (C,)
+    gene_subset: tuple[int, ...] | None = None  # store gene positions of a `with_genes` view
+
+    def with_genes(self, indices) -> "StoreView":
+        """A view holding only the genes at store positions `indices` (in that order): every read
+        returns (n, len(indices), D) and gene positions count within the view."""
+        indices = tuple(int(i) for i in indices)
+        base = self.gene_subset or tuple(range(len(self.gene_names)))
+        return replace(self, gene_names=tuple(self.gene_names[i] for i in indices),
+                       gene_subset=tuple(base[i] for i in indices))
 
     @property
     def covariate_groups(self) -> dict[str, list[str]]:
@@ -202,11 +211,22 @@ def row_blocks(store: StoreView, rows: np.ndarray, gene_index: int | None = None
         a, b = np.searchsorted(sorted_rows, [lo, hi])
         local = sorted_rows[a:b] - lo
         read_into(store.neuro, slice(lo, hi), buffer_neuro[: hi - lo])
-        gene_selection = slice(lo, hi) if gene_index is None else (slice(lo, hi), gene_index)
-        read_into(store.genes, gene_selection, buffer_genes[: hi - lo])
+        read_genes(store, slice(lo, hi), gene_index, buffer_genes[: hi - lo])
         neuro = np.take(buffer_neuro.reshape(span_rows, -1), local, axis=0)  # (m, V)
         genes = np.take(buffer_genes, local, axis=0)  # (m, G, D) | (m, D)
         yield order[a:b], neuro, genes
+
+
+def read_genes(store: StoreView, rows: slice, gene_index: int | None, out: np.ndarray) -> None:
+    """Gene rows `rows` into `out` ((m, G, D), or (m, D) for one gene), the view's genes only."""
+    if store.gene_subset is None:
+        read_into(store.genes, rows if gene_index is None else (rows, gene_index), out)
+    elif gene_index is not None:
+        read_into(store.genes, (rows, store.gene_subset[gene_index]), out)
+    else:
+        from zarr.buffer.cpu import NDBuffer
+
+        store.genes.get_orthogonal_selection((rows, list(store.gene_subset)), out=NDBuffer.from_numpy_array(out))
 
 
 def read_into(array, selection, out: np.ndarray) -> None:

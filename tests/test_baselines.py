@@ -175,3 +175,73 @@ def test_one_gene_skips_the_screened_variants_with_a_note(signal_store):
     baselines = fit_baselines(signal_store, signal_store.indices("train"), [1], ("cca", "rrr", "rrr_screened"), SMALL_GRID)
     assert set(baselines.methods) == {"cca", "rrr"} and "Screened" in baselines.notes[0]
     assert "val_top1" in baselines.methods["cca"].chosen  # every method is scored on val for the report
+
+
+# ------------------------------------------------------------------------------ quadratic ridge
+def make_product_store(path: Path, n: int = 1000, seed: int = 0) -> Path:
+    """Latent = a map of (a b, c d) + noise, products of factors a, c (gene G0) and b, d (gene G1), which
+    G2 carries too (so the joint PCA of the genes finds them): no linear function of the genes predicts
+    it (a product of independent factors is uncorrelated with each)."""
+    rng = np.random.default_rng(seed)
+    factors = rng.normal(size=(n, 4))  # (N, 4): a, b, c, d
+    genes = rng.normal(size=(n, len(GENES), 4))  # (N, G, D)
+    genes[:, 0, :2], genes[:, 1, :2] = factors[:, [0, 2]], factors[:, [1, 3]]
+    genes[:, 2] = factors + 0.5 * genes[:, 2]
+    source = np.stack([factors[:, 0] * factors[:, 1], factors[:, 2] * factors[:, 3]], axis=1)  # (N, 2)
+    neuro = 3.0 * source @ rng.normal(size=(2, 24)) + rng.normal(size=(n, 24))  # (N, V)
+    genes = genes.astype(np.float32)
+    iids = [str(3_000_000 + i) for i in range(n)]
+    write_store(path, iids, neuro.reshape(n, 2, 3, 4).astype(np.float32), genes, GENES,
+                split_fractions=(0.6, 0.2, 0.2), chunk_rows=100)
+    return path
+
+
+QUADRATIC_GRID = BaselineConfig(brain_dims=(4, 8), gene_dims=(2, 4), alphas=(0.01, 0.1), ranks=(2, 4),
+                                genes_kept=(2, 3), quadratic_pcs=(2, 4))
+
+
+@pytest.fixture(scope="module")
+def product_baselines(tmp_path_factory):
+    from pipeline import open_store
+
+    store = open_store(make_product_store(tmp_path_factory.mktemp("product") / "p.zarr"))
+    return store, fit_baselines(store, store.indices("train"), [0, 1, 2], ("rrr_screened", "qrr_screened"),
+                                QUADRATIC_GRID)
+
+
+def test_quadratic_features_of_val_rows_match_a_brute_force_expansion(product_baselines):
+    store, baselines = product_baselines
+    fitted = baselines.methods["qrr_screened"]
+    gene_scores = lambda split: baselines.frontend.transform_genes(store.read_rows(store.indices(split))[1])  # noqa: E731
+    train, val = gene_scores("train")[:, fitted.gene_columns], gene_scores("val")[:, fitted.gene_columns]
+    q = fitted.chosen["quadratic_pcs"]
+    # The stored maps are the train rows' PCA (up to sign) and the train products' mean / std.
+    components = np.linalg.eigh(np.cov(train.T, bias=True))[1]
+    components = components[:, ::-1][:, :q]  # (m k, q), largest first
+    stored = fitted.expansion.joint_components
+    assert np.allclose(np.abs(np.sum(stored * components, axis=0)), 1.0, atol=1e-6)
+    assert np.allclose(fitted.expansion.joint_mean, train.mean(axis=0))
+    pcs = lambda rows: (rows - train.mean(axis=0)) @ stored  # noqa: E731
+    slow = lambda z: np.stack([z[:, i] * z[:, j] for i in range(q) for j in range(i, q)], axis=1)  # noqa: E731
+    mean, std = slow(pcs(train)).mean(axis=0), slow(pcs(train)).std(axis=0)
+    expected = np.hstack([val, (slow(pcs(val)) - mean) / std])  # (n_val, m k + q (q + 1) / 2)
+    got = fitted.features(gene_scores("val"))
+    assert got.shape == (len(val), train.shape[1] + q * (q + 1) // 2)
+    assert np.allclose(got, expected, atol=1e-8)
+    neuro_f, gene_f = fitted.embed(baselines.frontend.transform_neuro(store.read_rows(store.indices("val"))[0]),
+                                   gene_scores("val"))
+    assert val_score(neuro_f, gene_f) == pytest.approx((fitted.chosen["val_top1"], fitted.chosen["val_mrr"]), abs=1e-6)
+
+
+def test_quadratic_ridge_finds_a_product_of_two_genes(product_baselines):
+    _, baselines = product_baselines
+    quadratic, linear = baselines.methods["qrr_screened"].chosen, baselines.methods["rrr_screened"].chosen
+    assert quadratic["val_top1"] > 2 * linear["val_top1"], (quadratic, linear)
+    assert set(quadratic["screened_genes"]) >= {"G0", "G1"} and quadratic["quadratic_pcs"] in (2, 4)
+    assert {"alpha", "rank", "brain_dim", "per_gene_dim", "genes_kept", "n_products", "val_mrr"} <= set(quadratic)
+    assert baselines.strongest() == "qrr_screened"
+
+
+def test_one_gene_skips_the_quadratic_ridge(signal_store):
+    baselines = fit_baselines(signal_store, signal_store.indices("train"), [1], ("rrr", "qrr_screened"), SMALL_GRID)
+    assert set(baselines.methods) == {"rrr"} and "Screened" in baselines.notes[0]

@@ -33,8 +33,8 @@ def test_demo_end_to_end_and_reuse(tmp_path):
     assert any(name.startswith("single-gene") for name in names) and "sequence (transformer)" in names
     assert names[-1].lower().startswith("chance")
     assert result.pool_size == result.n_test > 50  # no pool of 1,000 here: the headline is the whole split
-    assert "Strongest baseline (best on the val split)" in text and "Top 12 genes, sweep" in text
-    assert "Top 12 genes, explain" in text and "causal genes" in text
+    assert "Strongest baseline (best on the val split)" in text and "Top 12 of the 12 genes, sweep" in text
+    assert "genes the model kept, explain" in text and "causal genes" in text
     assert (out / "sweep" / "sweep.csv").exists() and (out / "explain_sequence" / "importance.csv").exists()
     # every evaluation wrote its machine-readable figures
     for path in out.glob("eval_*/metrics.json"):
@@ -59,3 +59,15 @@ def test_demo_refuses_a_folder_it_did_not_write(tmp_path):
         run_demo(tiny_demo(tmp_path), log=lambda message: None)
     assert (tmp_path / "demo" / "thesis.tex").read_text() == "mine"
     assert not (tmp_path / "demo" / "cohort").exists()
+
+
+def test_demo_confounds_ingests_covariates_and_kinship_and_residualises(tmp_path):
+    messages: list[str] = []
+    result = run_demo(tiny_demo(tmp_path, confounds=True, gene_analyses=False), log=messages.append)
+    assert result.output_dir == tmp_path / "demo" / "confounds"
+    assert any("0 pairs across splits" in m for m in messages) and any("site=site_2" in m for m in messages)
+    metrics = json.loads((result.output_dir / "eval_sequence" / "metrics.json").read_text())
+    assert metrics["residualize"]["covariates"] == ["age", "sex", "site", "head_size"] + [f"PC{k}" for k in range(1, 11)]
+    assert metrics["relatedness"]["controlled"] and metrics["relatedness"]["cross_split_pairs"] == 0
+    assert "covariates" in metrics["methods_order"]
+    assert not (tmp_path / "demo" / "cohort").exists()  # the default demo's folders are left alone

@@ -303,3 +303,79 @@ def test_residualised_run_round_trips_and_resume_keeps_the_setting(make_confound
 
     with pytest.raises(GenealignError, match="--residualize none contradicts the saved run \\(all\\)"):
         resolve(TrainRequest(resume=str(tmp_path / "run"), train_flags={"residualize": "none"}))
+
+
+# ------------------------------------------------------------------ screening, PCA start, quadratic head
+def test_screening_keeps_the_signal_genes_and_the_checkpoint_uses_them(store, tmp_path):
+    from alignment.evaluate import EvalConfig, evaluate
+
+    model = tiny_model(gene_projection="per_gene", gene_head="quadratic")
+    result = train(tiny_train(store, tmp_path / "run", screen_genes=2, gene_projection_init_pca=4), model)
+    ckpt = torch.load(result.best_checkpoint, weights_only=True)
+    assert tuple(ckpt["config"]["model"]["gene_names"]) == ("G0", "G1")  # the two genes carrying the factor
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["screening"]["ranked"][:2] in (["G0", "G1"], ["G1", "G0"]) and config["store"]["gene_names"] == ["G0", "G1"]
+    rebuilt = MultiGeneAlignmentModel.from_checkpoint(result.best_checkpoint)
+    assert rebuilt.config.num_genes == 2 and rebuilt.gene_encoder.quadratic is not None
+    metrics = evaluate(EvalConfig(checkpoint=result.best_checkpoint, pool_sizes=("all",), draws=2, bootstrap=20,
+                                  permutations=50, baselines="none", oracle=False, device="cpu",
+                                  output_dir=tmp_path / "eval")).metrics
+    assert metrics["n_subjects"] > 0 and metrics["methods"]["model"]["retrieval"]["neuro_to_gene"]["all"]["top1"] > 0
+
+
+def test_pca_start_sets_the_first_columns_of_every_gene_map(store):
+    from alignment.screening import init_gene_projection
+    from alignment.train import build_model
+    from pipeline import open_store
+
+    view = open_store(store)
+    model = build_model(tiny_model(gene_projection="per_gene"), view, view.gene_names)
+    neuro, genes = view.read_rows(view.indices("train"))
+    model.fit_frontend(torch.from_numpy(neuro), torch.from_numpy(genes))
+    before = model.gene_input_weight().detach().clone()
+    init_gene_projection(model, torch.from_numpy(genes), 3)
+    weight = model.gene_input_weight().detach()  # (G, kG, H)
+    assert torch.equal(weight[:, :, 3:], before[:, :, 3:]) and not torch.equal(weight[:, :, :3], before[:, :, :3])
+    # Brute force: mean over genes of x_g @ W_g[:, j] is the j-th joint principal component score, with unit variance.
+    x = model._gene_frontend(torch.from_numpy(genes)).double()  # (n, G, kG)
+    scores = torch.einsum("ngk,gkq->nq", x, weight[:, :, :3].double()) / x.shape[1]  # (n, 3)
+    flat = (x.reshape(len(x), -1) - x.reshape(len(x), -1).mean(0))
+    _, _, vt = torch.linalg.svd(flat, full_matrices=False)
+    pcs = flat @ vt[:3].T  # (n, 3)
+    centred = scores - scores.mean(0)
+    assert torch.allclose(centred.std(0, unbiased=False), torch.ones(3, dtype=torch.float64), atol=1e-4)
+    for j in range(3):
+        assert abs(float(torch.corrcoef(torch.stack([centred[:, j], pcs[:, j]]))[0, 1])) > 0.999
+    init_gene_projection(model, torch.from_numpy(genes), 99)  # capped at the transformer width (16)
+    assert not torch.equal(model.gene_input_weight()[:, :, 15], before[:, :, 15])
+
+
+def test_quadratic_head_adds_products_of_the_pooled_features():
+    from alignment.encoders import GeneSequenceEncoder
+
+    torch.manual_seed(0)
+    encoder = GeneSequenceEncoder(4, 3, 8, 1, 2, "mean", 5, 0.0, "per_gene", "quadratic").eval()
+    genes = torch.randn(6, 3, 4)
+    h = encoder.norm(encoder.transformer(encoder._embed(genes)).mean(dim=1))  # (B, H)
+    i, j = torch.triu_indices(8, 8)
+    expected = encoder.projection(h) + encoder.quadratic((h[:, :, None] * h[:, None, :])[:, i, j])
+    assert torch.allclose(encoder(genes), expected, atol=1e-6)
+    assert encoder.quadratic.weight.shape == (5, 36)
+
+
+def test_screening_flags_are_for_sequence_mode(store, tmp_path):
+    with pytest.raises(GenealignError, match="apply to --mode sequence"):
+        train(tiny_train(store, tmp_path / "s", mode="single", single_gene_name="G0", screen_genes=2),
+              tiny_model("single"))
+
+
+def test_screening_ranks_genes_as_the_screened_baseline(store):
+    from alignment.baselines import fit_baselines, rank_genes
+    from pipeline import open_store
+
+    view = open_store(store)
+    order = rank_genes(view, view.indices("train"), range(view.n_genes))
+    fitted = fit_baselines(view, view.indices("train"), range(view.n_genes), methods=("rrr_screened",))
+    screened = fitted.methods["rrr_screened"].chosen["screened_genes"]
+    assert [view.gene_names[i] for i in order[: len(screened)]] == screened
+    assert set(order[:2]) == {0, 1}  # G0 and G1 carry the factor
