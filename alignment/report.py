@@ -208,10 +208,15 @@ def versus_strongest(metrics: dict) -> str | None:
     pool_key = metrics["headline_pool"]
     model, base = (method_row(metrics, m, pool_key) for m in ("model", name))
     mean = lambda row: (row["top1_neuro_to_gene"] + row["top1_gene_to_neuro"]) / 2  # noqa: E731
-    ratio = f"{mean(model) / mean(base):.2f}x" if mean(base) > 0 else "n/a"
+    # A ratio of two chance-level figures is noise: say so instead (p of the whole-split top-1, both directions).
+    at_chance = lambda row: all((row.get(f"p_{d}") or 0) >= 0.05 for d in metrics["directions"])  # noqa: E731
+    ratio = f"= {mean(model) / mean(base):.2f}x the strongest baseline" if mean(base) > 0 else "(baseline at 0)"
+    chance_level = [label for label, row in (("the model", model), ("the baseline", base)) if at_chance(row)]
+    if chance_level:
+        ratio = f"({' and '.join(chance_level)} at chance, p >= 0.05 both ways: no ratio)"
     return (f"Strongest baseline (best on the val split): {metrics['methods'][name]['label']}, top-1 {mean(base):.3f} "
             f"(mean of both directions, pool {_pool_size(metrics, pool_key):,}, chance {1 / _pool_size(metrics, pool_key):.4f}); "
-            f"the model: {mean(model):.3f} = {ratio} the strongest baseline.")
+            f"the model: {mean(model):.3f} {ratio}.")
 
 
 def report_markdown(metrics: dict, plot_names: dict | None = None) -> str:
