@@ -369,7 +369,7 @@ def train(
     weight_decay: Annotated[Optional[float], opt("weight_decay", "AdamW weight decay on matrices. " + _PRESET_HELP, T)] = None,
     warmup_fraction: Annotated[Optional[float], opt("warmup_fraction", "Fraction of steps of linear LR warmup.", T)] = None,
     gradient_accumulation_steps: Annotated[Optional[int], opt("gradient_accumulation_steps", "Micro-batches per optimizer step; negatives span all.", T)] = None,
-    gene_group_lasso: Annotated[Optional[float], opt("gene_group_lasso", "Group lasso on per-gene input projections (0 = off). " + _PRESET_HELP, T)] = None,
+    gene_group_lasso: Annotated[Optional[float], opt("gene_group_lasso", "Group lasso on per-gene input projections, pull per epoch (0 = off). " + _PRESET_HELP, T)] = None,
     seed: Annotated[Optional[int], opt("seed", "One seed for init, batches and dropout.", T)] = None,
     patience: Annotated[Optional[int], opt("patience", "Stop after N epochs without val gain (0 = off). " + _PRESET_HELP, T)] = None,
     data_placement: Annotated[Optional[str], opt("data_placement", "auto, device (GPU), memory (RAM) or stream (disk).", T)] = None,

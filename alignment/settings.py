@@ -29,11 +29,12 @@ PRESETS: dict[str, dict[str, dict[str, dict]]] = {
         "single": {"model": dict(projection_dim=32, neuro_pca_dim=32, gene_pca_dim=16, dropout=0.2),
                    "train": dict(_CPU_TRAIN)},
         # Chosen on the demo cohort's val split by the search in benchmarks/results/model_search_2026-12-03.jsonl
-        # (issue #12): 12 screened genes, a quadratic head, a PCA start of the input maps, 40 epochs.
+        # (issue #12): 12 screened genes, a quadratic head, a PCA start of the input maps, 40 epochs. Group
+        # lasso 6.3 per epoch: 0.3 per step at the demo's 21 steps per epoch, where it was chosen.
         "sequence": {"model": dict(projection_dim=32, transformer_hidden_dim=32, transformer_num_layers=1,
                                    transformer_num_heads=4, neuro_pca_dim=64, gene_pca_dim=24,
                                    gene_projection="per_gene", gene_head="quadratic", dropout=0.2),
-                     "train": dict(_CPU_TRAIN, num_epochs=40, patience=10, gene_group_lasso=0.3, screen_genes=12,
+                     "train": dict(_CPU_TRAIN, num_epochs=40, patience=10, gene_group_lasso=6.3, screen_genes=12,
                                    gene_projection_init_pca=16)},
     },
     # A starting point for one GPU and a large cohort, not yet measured on one: tune on val.
@@ -43,7 +44,7 @@ PRESETS: dict[str, dict[str, dict[str, dict]]] = {
         "sequence": {"model": dict(projection_dim=256, transformer_hidden_dim=256, transformer_num_layers=2,
                                    transformer_num_heads=8, neuro_pca_dim=256, gene_pca_dim=32,
                                    gene_projection="per_gene", dropout=0.1),
-                     "train": dict(_GPU_TRAIN, gene_group_lasso=0.1)},
+                     "train": dict(_GPU_TRAIN, gene_group_lasso=0.5)},
     },
 }
 GPU_PRESET_MIN_TRAIN = 10_000  # below this many train subjects the small model is the safer start

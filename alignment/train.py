@@ -74,9 +74,10 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False  # replace a previous run's files in output_dir (train's own files only)
     # Group lasso on the per-gene input projections (sequence mode, gene_projection='per_gene'): after
-    # every optimizer step each gene's (d_in, H) block shrinks in norm by lr x this x sqrt(d_in x H)
-    # (AdamW moves a consistently-pushed block by up to lr x sqrt(d_in x H) per step, so this is the
-    # fraction of that drift a gene must beat to stay in). 0 = off. Its pull adds up over steps.
+    # every optimizer step each gene's (d_in, H) block shrinks in norm by lr x this x sqrt(d_in x H) /
+    # steps per epoch. A pull per epoch, not per step: a fixed penalty against a loss summed over the
+    # train split, so it weakens against the data as the cohort grows instead of pruning every gene
+    # of a large one within a few epochs. 0 = off.
     gene_group_lasso: float = 0.0
     # Set by `--extend`: (step, lr at that step, ramp steps) where a longer schedule took over; the LR
     # ramps from the old curve's value to the new cosine so the curve stays continuous.
@@ -334,12 +335,12 @@ def _setup(config: TrainConfig, model_config: ModelConfig, explicit: frozenset) 
             f"({global_batch} = batch_size x gradient_accumulation_steps x processes); lower --batch_size."
         )
     model.to(device)
-    lasso_scale = _lasso_scale(config, model)
     loader = BatchLoader(
         store, train_rows, LoaderConfig(batch_size=config.batch_size, placement=config.data_placement, seed=config.seed),
         device=device, gene_index=gene_index, rank=rank, world_size=world, covariates=model_covariates(model, store),
     )
     steps_per_epoch = loader.steps_per_epoch // config.gradient_accumulation_steps
+    lasso_scale = _lasso_scale(config, model) / steps_per_epoch
     total_steps = steps_per_epoch * config.num_epochs
     warmup_steps = int(config.warmup_fraction * total_steps)
     optimizer = torch.optim.AdamW(model.param_groups(config.weight_decay), lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8)

@@ -60,7 +60,7 @@ def suggest(trial, mode: str) -> tuple[dict, dict]:
         "weight_decay": trial.suggest_float("weight_decay", 1e-3, 1.0, log=True),
     }
     if mode == "sequence":
-        training["gene_group_lasso"] = trial.suggest_float("gene_group_lasso", 0.0, 0.6)
+        training["gene_group_lasso"] = trial.suggest_float("gene_group_lasso", 0.0, 12.0)
         # Issue #12's recipe: how many genes to screen and how many joint PCs start the input maps.
         training["screen_genes"] = trial.suggest_categorical("screen_genes", [8, 12, 16, 0])
         training["gene_projection_init_pca"] = trial.suggest_categorical("gene_projection_init_pca", [0, 12, 16, 24])

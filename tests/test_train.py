@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import alignment.train as train_module
 from alignment.model import ModelConfig, MultiGeneAlignmentModel
 from alignment.train import TrainConfig, lr_at, train
 from pipeline import GenealignError
@@ -97,7 +98,7 @@ def kill_after_epoch(n: int):
     return progress
 
 
-@pytest.mark.parametrize("lasso", [0.0, 0.8])
+@pytest.mark.parametrize("lasso", [0.0, 3.2])
 def test_resume_ends_with_the_same_weights(store, tmp_path, lasso):
     model = tiny_model(dropout=0.2, gene_projection="per_gene" if lasso else "shared")
     full = tmp_path / "full"
@@ -157,7 +158,7 @@ def test_ddp_two_processes_match_one_process(store, tmp_path, accum):
     common = ["--store", str(store), "--mode", "sequence", "--num_epochs", "2", "--learning_rate", "3e-3",
               "--projection_dim", "16", "--transformer_hidden_dim", "16", "--transformer_num_layers", "1",
               "--transformer_num_heads", "2", "--dropout", "0", "--gene_projection", "per_gene", "--neuro_pca_dim", "8", "--gene_pca_dim", "4",
-              "--data_placement", "memory", "--device", "cpu", "--seed", "7", "--gene_group_lasso", "0.3",
+              "--data_placement", "memory", "--device", "cpu", "--seed", "7", "--gene_group_lasso", "0.6",
               "--gradient_accumulation_steps", str(accum)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one", tmp_path / "two"
@@ -191,21 +192,40 @@ def test_gene_group_lasso_separates_the_signal_genes(store, tmp_path):
     """G0 and G1 carry the signal. Without the lasso every gene's input block keeps a similar norm;
     with it the noise genes' blocks shrink towards 0 and the signal genes' stay clearly larger."""
     ratios = {}
-    for lam in (0.0, 0.8):
+    for lam in (0.0, 3.2):  # per epoch: 0.8 per step at this store's 4 steps per epoch
         run = tmp_path / f"lasso{lam}"
         result = train(tiny_train(store, run, num_epochs=20, learning_rate=1e-2, gene_group_lasso=lam, save_every=0),
                        tiny_model("sequence", gene_projection="per_gene"))
         norms = _gene_block_norms(run)
         ratios[lam] = float(norms[:2].min() / norms[2:].max())
         assert result.history[-1]["genes_in_use"] == int((norms > 0).sum())
-    assert ratios[0.0] < 1.5 and ratios[0.8] > 2.0 and ratios[0.8] > 2 * ratios[0.0], ratios
+    assert ratios[0.0] < 1.5 and ratios[3.2] > 2.0 and ratios[3.2] > 2 * ratios[0.0], ratios
 
 
 def test_strong_gene_group_lasso_removes_every_gene(store, tmp_path):
-    result = train(tiny_train(store, tmp_path / "run", num_epochs=10, learning_rate=1e-2, gene_group_lasso=5.0, save_every=0),
+    result = train(tiny_train(store, tmp_path / "run", num_epochs=10, learning_rate=1e-2, gene_group_lasso=20.0, save_every=0),
                    tiny_model("sequence", gene_projection="per_gene"))
     assert result.history[-1]["genes_in_use"] == 0
     assert torch.count_nonzero(_gene_block_norms(tmp_path / "run")) == 0
+
+
+@pytest.mark.parametrize("batch_size", [16, 32])
+def test_gene_group_lasso_pulls_the_same_per_epoch_whatever_the_steps(store, tmp_path, monkeypatch, batch_size):
+    """Each step shrinks by lr x L x sqrt(block size) / steps per epoch: over one epoch the pulls add
+    up to L x sqrt(block size) in units of lr, with 8 steps (batch 16) as with 4 (batch 32)."""
+    pulls = []
+
+    def record(weight, threshold):
+        pulls.append(threshold)
+        return weight
+
+    monkeypatch.setattr(train_module, "group_soft_threshold", record)
+    train(tiny_train(store, tmp_path / "run", num_epochs=1, batch_size=batch_size, learning_rate=1e-2, warmup_fraction=0.0,
+                     min_learning_rate=1e-2, gene_group_lasso=2.0, save_every=0), tiny_model("sequence", gene_projection="per_gene"))
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model_state_dict"]
+    block = state["gene_encoder.input_projection.weight"][0].numel()  # d_in x H of one gene
+    assert len(pulls) == 139 // batch_size
+    assert sum(pulls) / 1e-2 == pytest.approx(2.0 * math.sqrt(block), rel=1e-5)
 
 
 @pytest.mark.parametrize("mode,projection", [("single", "per_gene"), ("sequence", "shared")])
