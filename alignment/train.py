@@ -310,14 +310,15 @@ def residual_record(selection: str, store) -> dict:
             "relatedness": {**store.relatedness, "note": relatedness_note(store.relatedness)}}
 
 
-def _lasso_scale(config: TrainConfig, model: MultiGeneAlignmentModel) -> float:
+def _lasso_scale(config: TrainConfig, model: MultiGeneAlignmentModel, steps_per_epoch: int) -> float:
+    """The proximal threshold per step in units of lr: the per-epoch pull spread over the epoch's steps."""
     weight = model.gene_input_weight()  # (G, d_in, H) | None
     if config.gene_group_lasso > 0 and weight is None:
         raise GenealignError(
             "--gene_group_lasso needs per-gene input projections: use --mode sequence with "
             "--gene_projection per_gene, or leave --gene_group_lasso at 0."
         )
-    return config.gene_group_lasso * math.sqrt(weight[0].numel()) if weight is not None else 0.0
+    return config.gene_group_lasso * math.sqrt(weight[0].numel()) / steps_per_epoch if weight is not None else 0.0
 
 
 def _setup(config: TrainConfig, model_config: ModelConfig, explicit: frozenset) -> _Run:
@@ -340,7 +341,7 @@ def _setup(config: TrainConfig, model_config: ModelConfig, explicit: frozenset) 
         device=device, gene_index=gene_index, rank=rank, world_size=world, covariates=model_covariates(model, store),
     )
     steps_per_epoch = loader.steps_per_epoch // config.gradient_accumulation_steps
-    lasso_scale = _lasso_scale(config, model) / steps_per_epoch
+    lasso_scale = _lasso_scale(config, model, steps_per_epoch)
     total_steps = steps_per_epoch * config.num_epochs
     warmup_steps = int(config.warmup_fraction * total_steps)
     optimizer = torch.optim.AdamW(model.param_groups(config.weight_decay), lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8)

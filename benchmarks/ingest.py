@@ -6,8 +6,9 @@
 Floor: `pandas.read_csv` (pandas' defaults) of every gene CSV plus `np.load` of every latent, one
 process. pandas 3.1 parses a large CSV on several threads by default (`mode.max_threads`), so the
 floor is also measured with `mode.max_threads = 1` (one parse thread, as `read_csv` was before) and
-the ratios printed against both; the targets are against the default floor. Then the whole `genealign ingest` command, as a user runs it (a subprocess: interpreter
-start and imports included), with --workers 1 and --workers 2, each into a fresh store. Prints the
+the ratios printed against both; the targets are against the default floor. Then the whole
+`genealign ingest` command, as a user runs it (a subprocess: interpreter start and imports
+included), with --workers 1 and --workers 2, each into a fresh store. Prints the
 seconds, the ratio of each to the floor (targets: <= 1.6x with 1 worker, <= 1.3x with 2) and the
 peak RSS of the largest process of each run. Every figure is the best of --repeat rounds; the inputs
 are read once beforehand, so every run finds them in the page cache, and dirty pages are flushed

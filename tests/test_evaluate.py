@@ -318,3 +318,28 @@ def test_evaluate_residualize_must_match_the_checkpoint(confounded_evals, tmp_pa
     same = evaluate(EvalConfig(checkpoint=evals["none"][0], residualize="none", baselines="none",
                                output_dir=tmp_path / "ok", **FAST))
     assert same.metrics["residualize"]["setting"] == "none"
+
+
+def _with_p(metrics: dict, method: str, p: float) -> None:
+    for direction in metrics["directions"]:
+        metrics["methods"][method]["retrieval"][direction]["all"]["p_value_top1"] = p
+
+
+@pytest.mark.parametrize("p_model,p_base,ratio", [(0.001, 0.001, True), (0.4, 0.001, False), (0.001, 0.3, False)])
+def test_versus_strongest_gives_no_ratio_at_chance(sequence_eval, p_model, p_base, ratio):
+    """The headline ratio against the strongest baseline, unless either side is at chance both ways."""
+    import copy
+
+    from alignment.report import method_row, versus_strongest
+
+    metrics = copy.deepcopy(sequence_eval[1].metrics)
+    base = metrics["strongest_baseline"] = next(m for m in metrics["methods_order"] if m in BASELINES)
+    _with_p(metrics, "model", p_model)
+    _with_p(metrics, base, p_base)
+    rows = [method_row(metrics, m, metrics["headline_pool"]) for m in ("model", base)]
+    mean_model, mean_base = ((r["top1_neuro_to_gene"] + r["top1_gene_to_neuro"]) / 2 for r in rows)
+    sentence = versus_strongest(metrics)
+    assert (f"= {mean_model / mean_base:.2f}x the strongest baseline" in sentence) == ratio
+    assert ("no ratio" in sentence) == (not ratio)
+    assert ("(the model" in sentence) == (p_model >= 0.05)
+    assert ("the baseline at chance" in sentence) == (p_base >= 0.05)
