@@ -30,9 +30,9 @@ PRESETS: dict[str, dict[str, dict[str, dict]]] = {
                    "train": dict(_CPU_TRAIN)},
         # Chosen on the demo cohort's val split by the search in benchmarks/results/model_search_2026-12-03.jsonl
         # (issue #12): 12 screened genes, a quadratic head, a PCA start of the input maps, 40 epochs. Group
-        # lasso 6.3 per epoch: 0.3 per step at the demo's 21 steps per epoch, where it was chosen. Checked
-        # against a 20-trial `genealign tune` study (benchmarks/results/tune_demo_2026-12-03.jsonl), whose
-        # best trial stayed below this preset on val.
+        # lasso 6.3 per epoch: 0.3 per step at the demo's 21 steps per epoch, where it was chosen. Study:
+        # benchmarks/results/tune_demo_2026-12-03/study.db (`genealign tune`, 21 trials on the demo's val
+        # split): its best trial (20, val 0.420) is this preset; TPE's 20 other trials reached 0.394.
         "sequence": {"model": dict(projection_dim=32, transformer_hidden_dim=32, transformer_num_layers=1,
                                    transformer_num_heads=4, neuro_pca_dim=64, gene_pca_dim=24,
                                    gene_projection="per_gene", gene_head="quadratic", dropout=0.2),

@@ -2,9 +2,10 @@
 
 Each trial is one `genealign train` run (the preset's recipe with the trial's values) in
 OUTPUT_DIR/trials/trial_NNN, scored by its best val top-1 (mean of both directions); the test split
-is never read. The study lives in OUTPUT_DIR/study.db (SQLite), so running the same command again
-continues it up to `--trials` finished trials. The best trial's settings are written to
-OUTPUT_DIR/best_config.json, which `genealign train --config FILE` takes.
+is never read. The preset's own settings are queued as one trial (once), so the best is never below
+the recipe the search starts from. The study lives in OUTPUT_DIR/study.db (SQLite), so running the
+same command again continues it up to `--trials` finished trials. The best trial's settings are
+written to OUTPUT_DIR/best_config.json, which `genealign train --config FILE` takes.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from alignment.settings import PRESETS, TrainRequest, resolve
+from alignment.settings import PRESETS, TrainRequest, preset_values, resolve
 from alignment.train import train
 from pipeline import GenealignError
 from pipeline.atomic import atomic_write_json
@@ -47,24 +48,45 @@ class TuneResult:
     trials: list = field(default_factory=list)  # dicts: number, state, value, params
 
 
+# The search space: name -> choices (a list) or (low, high, log) for a float; "model" or "train" side.
+# The settings that mattered most on the demo cohort; the sequence rows are issue #12's recipe.
+SPACE = {
+    "model": {"projection_dim": [16, 32, 64], "neuro_pca_dim": [16, 32, 64, 128], "gene_pca_dim": [8, 16, 24, 32],
+              "dropout": (0.0, 0.4, False)},
+    "train": {"learning_rate": (3e-4, 1e-2, True), "weight_decay": (1e-3, 1.0, True)},
+    "sequence": {"gene_group_lasso": (0.0, 12.0, False), "screen_genes": [8, 12, 16, 0],
+                 "gene_projection_init_pca": [0, 12, 16, 24]},
+}
+
+
+def _space(mode: str) -> list[tuple[str, str, object]]:
+    """(side, name, domain) of every searched setting, in suggestion order."""
+    rows = [(side, name, domain) for side in ("model", "train") for name, domain in SPACE[side].items()]
+    return rows + [("train", name, domain) for name, domain in SPACE["sequence"].items()] if mode == "sequence" else rows
+
+
 def suggest(trial, mode: str) -> tuple[dict, dict]:
-    """(model values, train values) of one trial: the settings that mattered most on the demo cohort."""
-    model = {
-        "projection_dim": trial.suggest_categorical("projection_dim", [16, 32, 64]),
-        "neuro_pca_dim": trial.suggest_categorical("neuro_pca_dim", [16, 32, 64, 128]),
-        "gene_pca_dim": trial.suggest_categorical("gene_pca_dim", [8, 16, 24, 32]),
-        "dropout": trial.suggest_float("dropout", 0.0, 0.4),
-    }
-    training = {
-        "learning_rate": trial.suggest_float("learning_rate", 3e-4, 1e-2, log=True),
-        "weight_decay": trial.suggest_float("weight_decay", 1e-3, 1.0, log=True),
-    }
-    if mode == "sequence":
-        training["gene_group_lasso"] = trial.suggest_float("gene_group_lasso", 0.0, 12.0)
-        # Issue #12's recipe: how many genes to screen and how many joint PCs start the input maps.
-        training["screen_genes"] = trial.suggest_categorical("screen_genes", [8, 12, 16, 0])
-        training["gene_projection_init_pca"] = trial.suggest_categorical("gene_projection_init_pca", [0, 12, 16, 24])
-    return model, training
+    """(model values, train values) of one trial."""
+    values: dict[str, dict] = {"model": {}, "train": {}}
+    for side, name, domain in _space(mode):
+        if isinstance(domain, list):
+            values[side][name] = trial.suggest_categorical(name, domain)
+        else:
+            low, high, log = domain
+            values[side][name] = trial.suggest_float(name, low, high, log=log)
+    return values["model"], values["train"]
+
+
+def _enqueue_preset(study, config: "TuneConfig") -> None:
+    """The preset's own settings as a trial of the study (once), so the study's best on val is never
+    below the recipe it starts from. Skipped when the preset leaves a setting unset or outside the space."""
+    model, training = preset_values(config.preset, config.mode)
+    preset = {**model, **training}
+    point = {name: preset.get(name) for _, name, _ in _space(config.mode)}
+    inside = all(value in domain if isinstance(domain, list) else value is not None and domain[0] <= value <= domain[1]
+                 for (_, name, domain), value in zip(_space(config.mode), point.values()))
+    if inside:
+        study.enqueue_trial(point, skip_if_exists=True)
 
 
 def _claim(out: Path) -> None:
@@ -109,6 +131,7 @@ def tune(config: TuneConfig, on_trial: Callable[[dict], None] | None = None) -> 
     out = Path(config.output_dir)
     _claim(out)
     study = _study(out, config.seed)
+    _enqueue_preset(study, config)
 
     def objective(trial) -> float:
         model, training = suggest(trial, config.mode)

@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from alignment.cli import app
+from alignment.settings import preset_values
 from alignment.tune import TuneConfig, tune
 from pipeline import GenealignError
 
@@ -19,8 +20,11 @@ def test_study_resumes_and_best_config_trains(signal_store, tmp_path):
     config = TuneConfig(store=str(signal_store), output_dir=str(out), trials=2, num_epochs=2, device="cpu")
     first = tune(config)
     assert [t["state"] for t in first.trials] == ["complete", "complete"]
+    model, training = preset_values("cpu-small", "sequence")  # trial 0 is the preset itself
+    assert first.trials[0]["params"] == {name: {**model, **training}[name] for name in first.trials[0]["params"]}
+    assert len(first.trials[0]["params"]) == 9 and first.trials[1]["params"] != first.trials[0]["params"]
     again = tune(TuneConfig(**{**config.__dict__, "trials": 3}))  # continues the same study
-    assert len(again.trials) == 3 and again.trials[:2] == first.trials
+    assert len(again.trials) == 3 and again.trials[:2] == first.trials  # the preset is not queued again
     best = json.loads(again.best_config.read_text())
     values = [t["value"] for t in again.trials]
     assert best["study"]["trial"] == values.index(max(values)) and best["study"]["val_top1_mean"] == max(values)
