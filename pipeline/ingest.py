@@ -460,7 +460,10 @@ def _plan(sources: _Sources, results: list[dict], latents: _Latents, scratch: Pa
 def _copy(plan: _Plan, group) -> None:
     """The store's neuro and genes, a task of whole chunks at a time on THREADS threads: each gathers
     its rows from every scratch file, then writes its chunks whole through zarr."""
-    neuro, genes = group["neuro"], group["genes"]
+    # Every chunk is written as it is: by default zarr first compares each chunk with the fill value
+    # (another pass over the data, which only pays for sparse arrays). A runtime setting, so it goes
+    # on the arrays written here, not into the store's metadata.
+    neuro, genes = (group[name].with_config({"write_empty_chunks": True}) for name in ("neuro", "genes"))
     chunk_rows, n_genes, dim = int(genes.chunks[0]), int(genes.shape[1]), int(genes.shape[2])
     width = int(np.prod(plan.latent_shape))
     dtype = np.dtype(genes.dtype)

@@ -550,15 +550,12 @@ def create_store_arrays(
     # Chunk files side by side ("c.7.0.0"), not zarr's default nested "c/7/0/0": a directory per chunk
     # was half the ingest's file-system time (mkdir ~0.25-1 ms each on ext4, 392 at 10,000 subjects).
     flat = {"name": "default", "separator": "."}
-    # Every chunk is written: without this zarr first compares each chunk with the fill value, a
-    # second pass over the data that only pays for sparse arrays.
-    write_all = {"write_empty_chunks": True}
     group.create_array(
         "neuro", shape=(n, *latent_shape), dtype=dtype, chunks=(c, *latent_shape), compressors=compressors,
-        chunk_key_encoding=flat, config=write_all,
+        chunk_key_encoding=flat,
     )
     group.create_array(
         "genes", shape=(n, n_genes, dim), dtype=dtype, chunks=(c, n_genes, dim), compressors=compressors,
-        chunk_key_encoding=flat, config=write_all,
+        chunk_key_encoding=flat,
     )
     return group

@@ -109,6 +109,24 @@ def test_round_trip_float32_matches_source_files(tmp_path, small_chunks, workers
     assert np.array_equal(view.split, store_module.assign_split(view.iid))
 
 
+def test_every_chunk_is_written_even_when_it_holds_only_zeros(tmp_path, small_chunks):
+    """The copy writes chunks as they are (write_empty_chunks): zarr's default would compare each
+    chunk with the fill value first and leave all-zero chunks unwritten."""
+    iids = iids_of(21)  # 3 chunks of 7; the first 7 subjects (sorted) have all-zero values
+    gdir, ldir = tmp_path / "genes", tmp_path / "latents"
+    for g, gene in enumerate(("APOE", "BDNF")):
+        values = np.random.default_rng(g).normal(size=(21, DIM)).astype(np.float32)
+        values[:7] = 0.0
+        write_gene_csv(gdir, gene, iids, values, seed=g)
+    for i, iid in enumerate(iids):
+        write_latent(ldir, iid, np.zeros(SHAPE, np.float32) if i < 7 else None, seed=i)
+    ingest(config(gdir, ldir, tmp_path / "s.zarr"))
+    for name in ("neuro", "genes"):
+        written = sorted(p.name for p in (tmp_path / "s.zarr" / name).iterdir() if p.name.startswith("c."))
+        assert len(written) == 3 and written[0].startswith("c.0."), (name, written)
+    assert not np.asarray(open_store(tmp_path / "s.zarr").genes[:7]).any()
+
+
 def test_float16_within_rounding(tmp_path):
     iids = iids_of(12)
     gdir, ldir = write_cohort(tmp_path, iids)
